@@ -1,0 +1,185 @@
+"""Per-cell-type evaluation of predictions against known labels, rare classes called out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+)
+
+from .errors import InputError
+
+logger = logging.getLogger("scsnn")
+
+RARE_THRESHOLD = 0.03
+
+
+def classification_report(
+    truth: ArrayLike,
+    pred: ArrayLike,
+    *,
+    rare_threshold: float = RARE_THRESHOLD,
+    model_classes: list[str] | None = None,
+) -> dict[str, Any]:
+    """Accuracy, macro-F1, balanced accuracy and a per-class table.
+
+    Averages run over the true classes present (support > 0). A class is *rare* when it is
+    under ``rare_threshold`` of the evaluated cells. Predicted labels that are no true class
+    (including "Unassigned") count as errors for the cells that carry them.
+    """
+    t = np.asarray(pd.Series(truth).astype(str))
+    p = np.asarray(pd.Series(pred).astype(str))
+    if t.size == 0:
+        raise InputError("no cells to evaluate")
+    true_labels = sorted(np.unique(t).tolist())
+    all_labels = true_labels + sorted(set(np.unique(p).tolist()) - set(true_labels))
+    prec, rec, f1, sup = precision_recall_fscore_support(
+        t, p, labels=true_labels, zero_division=0
+    )
+    n = t.size
+    per_class = []
+    for i, lab in enumerate(true_labels):
+        per_class.append(
+            {
+                "label": lab,
+                "support": int(sup[i]),
+                "fraction": float(sup[i] / n),
+                "precision": float(prec[i]),
+                "recall": float(rec[i]),
+                "f1": float(f1[i]),
+                "rare": bool(sup[i] / n < rare_threshold),
+                "in_model": None if model_classes is None else lab in model_classes,
+            }
+        )
+    rare = [r for r in per_class if r["rare"]]
+    cm = confusion_matrix(t, p, labels=all_labels)
+    report = {
+        "n_cells": int(n),
+        "accuracy": float(accuracy_score(t, p)),
+        "macro_f1": float(np.mean(f1)),
+        "balanced_accuracy": float(balanced_accuracy_score(t, p)) if len(true_labels) else 0.0,
+        "rare_threshold": float(rare_threshold),
+        "rare_classes": [r["label"] for r in rare],
+        "rare_mean_recall": float(np.mean([r["recall"] for r in rare])) if rare else None,
+        "per_class": per_class,
+        "confusion": {"labels": all_labels, "matrix": cm.tolist()},
+    }
+    return report
+
+
+
+def evaluate(
+    adata: ad.AnnData,
+    truth_key: str,
+    *,
+    key_added: str = "scsnn",
+    rare_threshold: float = RARE_THRESHOLD,
+    restrict_to_model_classes: bool = False,
+    out: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Compare ``obs[key_added]`` (from :func:`scsnn.tl.annotate`) with ``obs[truth_key]``.
+
+    Parameters
+    ----------
+    restrict_to_model_classes
+        Evaluate only cells whose true label is one of the model's classes (for a query
+        that holds cell types the reference lacks).
+    out
+        Folder to write ``report.json``, ``per_class.csv`` and ``confusion.csv`` into.
+
+    Returns
+    -------
+    The report dict (``accuracy``, ``macro_f1``, ``balanced_accuracy``, ``per_class``, ...),
+    also stored in ``uns[f"{key_added}_evaluation"]``.
+    """
+    if key_added not in adata.obs.columns:
+        raise InputError(f"no predictions in obs['{key_added}']: run scsnn annotate first")
+    if truth_key not in adata.obs.columns:
+        raise InputError(f"truth key '{truth_key}' not in obs")
+    truth = adata.obs[truth_key]
+    pred = adata.obs[key_added].astype(str)
+    mask = truth.notna().to_numpy()
+    model_classes = None
+    if key_added in adata.uns and "classes" in adata.uns[key_added]:
+        model_classes = [str(c) for c in adata.uns[key_added]["classes"]]
+    if restrict_to_model_classes and model_classes is not None:
+        mask &= truth.astype(str).isin(model_classes).to_numpy()
+    if not mask.any():
+        raise InputError("no cell has a usable true label")
+    report = classification_report(
+        truth[mask].astype(str), pred[mask], rare_threshold=rare_threshold,
+        model_classes=model_classes,
+    )
+    report["truth_key"] = truth_key
+    report["key_added"] = key_added
+    report["n_cells_skipped"] = int((~mask).sum())
+    if key_added in adata.uns:
+        report["model"] = str(adata.uns[key_added].get("model", ""))
+    adata.uns[f"{key_added}_evaluation"] = _uns_safe(report)
+    if out is not None:
+        write_report(report, out)
+    return report
+
+
+def _uns_safe(report: dict[str, Any]) -> dict[str, Any]:
+    """The report in a form that AnnData writes to .h5ad (no None, no list of dicts)."""
+    pc = pd.DataFrame(report["per_class"]).drop(columns=["in_model"])
+    safe = {k: v for k, v in report.items()
+            if k not in ("per_class", "confusion") and v is not None}
+    safe["rare_classes"] = np.asarray(report["rare_classes"], dtype=object)
+    safe["per_class"] = {c: pc[c].to_numpy() for c in pc.columns}
+    safe["confusion_labels"] = np.asarray(report["confusion"]["labels"], dtype=object)
+    safe["confusion"] = np.asarray(report["confusion"]["matrix"], dtype=np.int64)
+    return safe
+
+
+def per_class_table(report: dict[str, Any]) -> pd.DataFrame:
+    df = pd.DataFrame(report["per_class"])
+    return df[["label", "support", "fraction", "precision", "recall", "f1", "rare"]]
+
+
+def write_report(report: dict[str, Any], out: str | os.PathLike) -> Path:
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "report.json").write_text(json.dumps(report, indent=1))
+    per_class_table(report).to_csv(d / "per_class.csv", index=False)
+    labels = report["confusion"]["labels"]
+    pd.DataFrame(report["confusion"]["matrix"], index=labels, columns=labels).rename_axis(
+        "true \\ predicted"
+    ).to_csv(d / "confusion.csv")
+    return d
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A plain-text per-class table with the summary lines, for terminals and logs."""
+    df = per_class_table(report)
+    w = max(12, *(len(s) for s in df["label"]))
+    lines = [f"{'cell type':<{w}}  {'support':>7}  {'precision':>9}  {'recall':>6}  {'f1':>5}  rare"]
+    for r in df.itertuples():
+        lines.append(
+            f"{r.label:<{w}}  {r.support:>7d}  {r.precision:>9.3f}  {r.recall:>6.3f}  "
+            f"{r.f1:>5.3f}  {'yes' if r.rare else ''}"
+        )
+    lines.append(
+        f"accuracy {report['accuracy']:.3f}   macro-F1 {report['macro_f1']:.3f}   "
+        f"balanced accuracy {report['balanced_accuracy']:.3f}   cells {report['n_cells']}"
+    )
+    if report["rare_classes"]:
+        lines.append(
+            f"rare classes (< {report['rare_threshold']:.0%} of cells): "
+            + ", ".join(report["rare_classes"])
+            + f"; mean recall {report['rare_mean_recall']:.3f}"
+        )
+    return "\n".join(lines)

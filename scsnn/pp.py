@@ -1,0 +1,258 @@
+"""Preprocessing recorded as a reusable *gene space*.
+
+On the reference, :func:`fit_gene_space` normalises (library size + log1p, when given counts),
+selects genes (highly variable genes plus the top marker genes of every class, so that a
+class of ten cells keeps its markers), and records standardisation statistics. The resulting
+:class:`GeneSpace` is stored in the model and re-applied, unchanged, to every query.
+
+Nothing here knows about torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import scipy.sparse as sp
+
+from .errors import InputError
+from .io import Expression, match_genes
+
+logger = logging.getLogger("scsnn")
+
+TARGET_SUM = 1e4
+
+
+def log_normalize(expr: Expression, *, target_sum: float = TARGET_SUM) -> sp.csr_matrix:
+    """Library-size normalisation and log1p (scanpy) for counts; log-normalised data pass as they are.
+
+    Works on all genes of the matrix, so that library sizes are those of the whole profile.
+    Returns a new CSR float32 matrix; the input is not modified.
+    """
+    if expr.kind == "lognorm":
+        return expr.X
+    tmp = ad.AnnData(X=expr.X.copy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.pp.normalize_total(tmp, target_sum=target_sum)
+        sc.pp.log1p(tmp)
+    return sp.csr_matrix(tmp.X, dtype=np.float32)
+
+
+def _column_mean_var(X: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    mean = np.asarray(X.mean(axis=0), dtype=np.float64).ravel()
+    sq = np.asarray(X.multiply(X).mean(axis=0), dtype=np.float64).ravel()
+    return mean, np.maximum(sq - mean**2, 0.0)
+
+
+def marker_scores(X: sp.csr_matrix, codes: np.ndarray, n_classes: int) -> np.ndarray:
+    """Welch t statistic of each gene for each class against the rest, ``(n_classes, n_genes)``.
+
+    Computed with two sparse products, so it scales to large references. Genes lower in the
+    class than in the rest get negative scores.
+    """
+    n = X.shape[0]
+    ind = sp.csr_matrix(
+        (np.ones(n, dtype=np.float64), (codes, np.arange(n))), shape=(n_classes, n)
+    )
+    counts = np.asarray(ind.sum(axis=1)).ravel()
+    sums = np.asarray((ind @ X).todense())
+    sqs = np.asarray((ind @ X.multiply(X)).todense())
+    tot_sum, tot_sq = sums.sum(0), sqs.sum(0)
+    n_in = counts[:, None]
+    n_out = np.maximum(n - n_in, 1)
+    mean_in = sums / n_in
+    mean_out = (tot_sum - sums) / n_out
+    var_in = np.maximum(sqs / n_in - mean_in**2, 0.0)
+    var_out = np.maximum((tot_sq - sqs) / n_out - mean_out**2, 0.0)
+    se = np.sqrt(var_in / n_in + var_out / n_out + 1e-4)
+    return (mean_in - mean_out) / se
+
+
+@dataclass
+class GeneSpace:
+    """The model's genes and how to bring any expression profile into them."""
+
+    genes: list[str]
+    mean: np.ndarray
+    std: np.ndarray
+    clip: float = 10.0
+    target_sum: float = TARGET_SUM
+    reference_kind: str = "counts"
+    n_hvg: int = 0
+    markers: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    # -- applying it ---------------------------------------------------------------------
+    def project(self, expr: Expression) -> tuple[sp.csr_matrix, np.ndarray]:
+        """Log-normalise ``expr`` and reorder its columns to the model genes.
+
+        Returns the CSR matrix (cells x model genes; absent genes are empty columns) and a
+        boolean mask of the model genes that the query holds.
+        """
+        cols = match_genes(expr.genes, self.genes)
+        present = cols >= 0
+        Xlog = log_normalize(expr, target_sum=self.target_sum)
+        # select present columns, then scatter them into model-gene order
+        sub = Xlog[:, cols[present]]
+        sub = sp.csr_matrix(sub, dtype=np.float32)
+        if present.all():
+            return sub, present
+        remap = np.flatnonzero(present)
+        sub = sub.tocoo()
+        out = sp.csr_matrix(
+            (sub.data, (sub.row, remap[sub.col])), shape=(sub.shape[0], self.n_genes)
+        )
+        return out, present
+
+    def scale(self, X: sp.spmatrix | np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
+        """Standardise rows of a projected matrix with the reference statistics, then clip.
+
+        Dense float32 output: call it on a mini-batch. Genes the query lacks are set to 0,
+        the reference mean, so that they carry no signal either way.
+        """
+        dense = X.toarray() if sp.issparse(X) else np.asarray(X)
+        Z = (dense.astype(np.float32, copy=False) - self.mean) / self.std
+        np.clip(Z, -self.clip, self.clip, out=Z)
+        if present is not None and not present.all():
+            Z[:, ~present] = 0.0
+        return Z
+
+    # -- persistence ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "genes": list(self.genes),
+            "mean": [float(x) for x in self.mean],
+            "std": [float(x) for x in self.std],
+            "clip": float(self.clip),
+            "target_sum": float(self.target_sum),
+            "reference_kind": self.reference_kind,
+            "n_hvg": int(self.n_hvg),
+            "markers": {k: list(v) for k, v in self.markers.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GeneSpace:
+        genes = [str(g) for g in d["genes"]]
+        mean = np.asarray(d["mean"], dtype=np.float32)
+        std = np.asarray(d["std"], dtype=np.float32)
+        if not (len(genes) == mean.size == std.size) or len(genes) == 0:
+            raise ValueError("gene space: genes, mean and std differ in length")
+        if not np.all(std > 0):
+            raise ValueError("gene space: non-positive standard deviations")
+        return cls(
+            genes=genes,
+            mean=mean,
+            std=std,
+            clip=float(d.get("clip", 10.0)),
+            target_sum=float(d.get("target_sum", TARGET_SUM)),
+            reference_kind=str(d.get("reference_kind", "counts")),
+            n_hvg=int(d.get("n_hvg", 0)),
+            markers={str(k): [str(g) for g in v] for k, v in d.get("markers", {}).items()},
+        )
+
+
+def select_genes(
+    Xlog: sp.csr_matrix,
+    genes: np.ndarray,
+    codes: np.ndarray,
+    classes: list[str],
+    *,
+    n_hvg: int = 2000,
+    n_markers: int = 25,
+    min_cells: int = 3,
+) -> tuple[np.ndarray, int, dict[str, list[str]]]:
+    """Indices of the kept genes: highly variable genes, then each class's top markers.
+
+    Returns ``(indices, number of HVGs, {class: marker genes})``.
+    """
+    n_cells_expr = np.diff(Xlog.tocsc().indptr)
+    unique = ~pd.Index(genes).duplicated(keep="first")
+    candidates = np.flatnonzero((n_cells_expr >= min(min_cells, Xlog.shape[0])) & unique)
+    if candidates.size == 0:
+        raise InputError("no gene is expressed in enough reference cells")
+    Xc = Xlog[:, candidates]
+
+    if candidates.size <= n_hvg:
+        hvg = np.arange(candidates.size)
+    else:
+        tmp = ad.AnnData(X=Xc)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sc.pp.highly_variable_genes(tmp, n_top_genes=n_hvg, flavor="seurat")
+        disp = tmp.var["dispersions_norm"].to_numpy()
+        hv = tmp.var["highly_variable"].to_numpy()
+        hvg = np.flatnonzero(hv)
+        hvg = hvg[np.argsort(-np.nan_to_num(disp[hvg], nan=-np.inf), kind="stable")]
+
+    scores = marker_scores(Xc, codes, len(classes))
+    markers: dict[str, list[str]] = {}
+    chosen = list(hvg)
+    seen = set(chosen)
+    for ci, name in enumerate(classes):
+        order = np.argsort(-scores[ci], kind="stable")[:n_markers]
+        order = order[scores[ci, order] > 0]
+        markers[name] = [str(genes[candidates[j]]) for j in order]
+        for j in order:
+            if j not in seen:
+                seen.add(j)
+                chosen.append(j)
+    return candidates[np.asarray(chosen, dtype=np.int64)], int(len(hvg)), markers
+
+
+def fit_gene_space(
+    expr: Expression,
+    codes: np.ndarray,
+    classes: list[str],
+    *,
+    n_hvg: int = 2000,
+    n_markers: int = 25,
+    clip: float = 10.0,
+    restrict_genes: list[str] | None = None,
+) -> tuple[GeneSpace, sp.csr_matrix]:
+    """Fit the gene space on a labelled reference.
+
+    Returns the gene space and the reference projected into it (log-normalised CSR, not yet
+    standardised), ready for mini-batching.
+    """
+    Xlog = log_normalize(expr)
+    genes = np.asarray(expr.genes)
+    if restrict_genes is not None:
+        keep = np.flatnonzero(pd.Index(genes).isin(pd.Index(restrict_genes)))
+        if keep.size == 0:
+            raise InputError("none of the requested genes is in the reference")
+        Xlog, genes = Xlog[:, keep], genes[keep]
+    idx, n_sel_hvg, markers = select_genes(
+        Xlog, genes, codes, classes, n_hvg=n_hvg, n_markers=n_markers
+    )
+    Xsel = sp.csr_matrix(Xlog[:, idx], dtype=np.float32)
+    mean, var = _column_mean_var(Xsel)
+    std = np.sqrt(var)
+    std[std < 1e-6] = 1.0
+    gs = GeneSpace(
+        genes=[str(g) for g in genes[idx]],
+        mean=mean.astype(np.float32),
+        std=std.astype(np.float32),
+        clip=clip,
+        reference_kind=expr.kind,
+        n_hvg=n_sel_hvg,
+        markers=markers,
+    )
+    logger.info(
+        "gene space: %d genes (%d highly variable + %d class markers) from %s (%s)",
+        gs.n_genes,
+        n_sel_hvg,
+        gs.n_genes - n_sel_hvg,
+        expr.source,
+        "raw counts, normalised + log1p" if expr.kind == "counts" else "log-normalised as given",
+    )
+    return gs, Xsel

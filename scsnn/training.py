@@ -1,0 +1,271 @@
+"""Bi-level training of the spiking classifier.
+
+Lower level: synapse weights W minimise the task loss on the training split (neuron
+parameters fixed). Upper level: every ``alpha_interval`` epochs the neuron-level parameters
+alpha minimise the loss on a disjoint, stratified validation split plus
+``smoothness * trace(A^T L A) / n^2``, the graph-Laplacian term that pulls neurons joined by
+strong synapses towards similar biophysics. Rare classes: class-tempered sampling of the
+training split, class-weighted loss on the validation split, and early stopping on the
+validation macro-F1.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import f1_score
+from spikingjelly.activation_based import functional
+from torch import nn
+from tqdm.auto import tqdm
+
+from .pp import GeneSpace
+
+logger = logging.getLogger("scsnn")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the training loop (see :func:`scsnn.tl.train` for their meaning)."""
+
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    alpha_lr: float = 1e-2
+    alpha_interval: int = 2
+    smoothness: float = 1e-2
+    bilevel: bool = True
+    val_fraction: float = 0.15
+    class_balance: float = 0.5
+    label_smoothing: float = 0.1
+    patience: int = 10
+    min_epochs: int = 5
+    seed: int = 0
+    progress: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Split:
+    train: np.ndarray
+    val: np.ndarray
+    unsplit_classes: list[int] = field(default_factory=list)
+
+
+def stratified_split(codes: np.ndarray, val_fraction: float, seed: int = 0) -> Split:
+    """A validation split that holds every class with 3 or more cells.
+
+    Classes of 1 or 2 cells stay whole in the training split (they are reported back).
+    """
+    rng = np.random.default_rng(seed)
+    train, val, unsplit = [], [], []
+    for c in np.unique(codes):
+        idx = np.flatnonzero(codes == c)
+        rng.shuffle(idx)
+        if idx.size < 3 or val_fraction <= 0:
+            train.append(idx)
+            unsplit.append(int(c))
+            continue
+        n_val = int(np.clip(round(val_fraction * idx.size), 1, idx.size - 2))
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    tr = np.sort(np.concatenate(train))
+    va = np.sort(np.concatenate(val)) if val else np.array([], dtype=np.int64)
+    return Split(tr, va, unsplit)
+
+
+def laplacian_smoothness(network: nn.Module) -> torch.Tensor:
+    """Sum over consecutive HIFI layers of ``trace(A^T L A) / n^2``.
+
+    The two layers' neurons are the nodes, their (k, theta, c, gamma) vectors the features,
+    |W| of the synapses between them the edges (self-loops added); L is the symmetric
+    normalised Laplacian. Computed without forming the n x n matrix.
+    """
+    layers = network.hifi_layers()
+    fcs = getattr(network, "fcs", None)
+    total = torch.zeros(())
+    for i in range(len(layers) - 1):
+        a1, a2 = layers[i].alpha_matrix(), layers[i + 1].alpha_matrix()
+        W = fcs[i + 1].weight.detach().abs()  # (n2, n1)
+        deg1 = 1.0 + W.sum(0)  # self-loop + edges of layer-i neurons
+        deg2 = 1.0 + W.sum(1)
+        d1, d2 = deg1.rsqrt(), deg2.rsqrt()
+        sq = (a1 * a1).sum() + (a2 * a2).sum()
+        self_loops = ((a1 * a1).sum(1) / deg1).sum() + ((a2 * a2).sum(1) / deg2).sum()
+        cross = ((d2[:, None] * a2) * (W @ (d1[:, None] * a1))).sum()
+        n = a1.shape[0] + a2.shape[0]
+        total = total.to(sq.device) + (sq - self_loops - 2.0 * cross) / (n * n)
+    return total
+
+
+def _batch(X: sp.csr_matrix, rows: np.ndarray, gs: GeneSpace, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(gs.scale(X[rows])).to(device)
+
+
+class BiLevelTrainer:
+    """Trains a network built by :func:`scsnn.models.build_network` on projected cells."""
+
+    def __init__(self, config: TrainConfig, device: torch.device) -> None:
+        self.cfg = config
+        self.device = device
+
+    def _sampling_weights(self, codes: np.ndarray) -> np.ndarray:
+        counts = np.bincount(codes)
+        w = counts[codes].astype(np.float64) ** (-self.cfg.class_balance)
+        return w / w.sum()
+
+    @torch.no_grad()
+    def _predict(self, network: nn.Module, X: sp.csr_matrix, gs: GeneSpace) -> np.ndarray:
+        network.eval()
+        preds = []
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        for s in range(0, X.shape[0], 1024):
+            functional.reset_net(network)
+            xb = _batch(X, np.arange(s, min(s + 1024, X.shape[0])), gs, self.device)
+            preds.append(network(xb, gen).argmax(1).cpu().numpy())
+        functional.reset_net(network)
+        return np.concatenate(preds) if preds else np.array([], dtype=np.int64)
+
+    def fit(
+        self,
+        network: nn.Module,
+        X: sp.csr_matrix,
+        codes: np.ndarray,
+        gs: GeneSpace,
+        n_classes: int,
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed)
+        rng = np.random.default_rng(cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        network.to(self.device)
+
+        split = stratified_split(codes, cfg.val_fraction, cfg.seed)
+        Xtr, ytr = X[split.train], codes[split.train]
+        Xva, yva = X[split.val], codes[split.val]
+        has_val = split.val.size > 0
+
+        alpha = network.neuron_parameters()
+        alpha_ids = {id(p) for p in alpha}
+        use_bilevel = cfg.bilevel and bool(alpha) and has_val
+        weights = [p for p in network.parameters() if id(p) not in alpha_ids]
+        if use_bilevel:
+            opt_w = torch.optim.AdamW(weights, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt_a = torch.optim.Adam(alpha, lr=cfg.alpha_lr)
+        else:
+            groups = [{"params": weights, "weight_decay": cfg.weight_decay}]
+            if alpha:
+                groups.append({"params": alpha, "weight_decay": 0.0})
+            opt_w = torch.optim.AdamW(groups, lr=cfg.lr)
+            opt_a = None
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_w, T_max=max(cfg.epochs, 1))
+
+        # class weights for the validation-split loss: every class counts equally
+        va_counts = np.bincount(yva, minlength=n_classes).astype(np.float64)
+        va_w = np.where(va_counts > 0, va_counts.sum() / np.maximum(va_counts, 1), 0.0)
+        va_w = torch.tensor(va_w / max(va_w[va_counts > 0].mean(), 1e-12) if has_val else
+                            np.ones(n_classes), dtype=torch.float32, device=self.device)
+
+        p_train = self._sampling_weights(ytr)
+        n_per_epoch = len(ytr)
+        show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+        best_f1, best_state, best_epoch, bad = -1.0, None, 0, 0
+        history: list[dict[str, float]] = []
+        bar = tqdm(range(cfg.epochs), desc="training", disable=not show, leave=False)
+        for epoch in bar:
+            network.train()
+            order = rng.choice(len(ytr), size=n_per_epoch, replace=True, p=p_train)
+            losses = []
+            for s in range(0, n_per_epoch, cfg.batch_size):
+                rows = order[s : s + cfg.batch_size]
+                if rows.size < 2:
+                    continue
+                xb = _batch(Xtr, rows, gs, self.device)
+                yb = torch.from_numpy(ytr[rows]).to(self.device)
+                functional.reset_net(network)
+                loss = F.cross_entropy(network(xb, gen), yb, label_smoothing=cfg.label_smoothing)
+                opt_w.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_w.step()
+                losses.append(float(loss.detach()))
+            sched.step()
+
+            alpha_loss = float("nan")
+            if use_bilevel and (epoch + 1) % cfg.alpha_interval == 0:
+                alpha_loss = self._alpha_step(network, Xva, yva, gs, opt_a, va_w, rng, gen)
+
+            rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else 0.0,
+                   "alpha_loss": alpha_loss}
+            if has_val:
+                pred = self._predict(network, Xva, gs)
+                f1 = float(f1_score(yva, pred, average="macro", labels=np.unique(yva),
+                                    zero_division=0))
+                rec["val_macro_f1"] = f1
+                if f1 > best_f1 + 1e-6:
+                    best_f1, best_epoch, bad = f1, epoch + 1, 0
+                    best_state = copy.deepcopy(network.state_dict())
+                else:
+                    bad += 1
+                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val_f1=f"{f1:.3f}")
+            history.append(rec)
+            logger.debug("epoch %s", rec)
+            if has_val and bad >= cfg.patience and epoch + 1 >= cfg.min_epochs:
+                break
+        bar.close()
+        if best_state is not None:
+            network.load_state_dict(best_state)
+        else:
+            best_epoch = len(history)
+        functional.reset_net(network)
+        network.eval()
+        metrics = {
+            "train_seconds": round(time.perf_counter() - t0, 3),
+            "epochs_run": len(history),
+            "best_epoch": best_epoch,
+            "val_macro_f1": best_f1 if has_val else None,
+            "n_train": int(split.train.size),
+            "n_val": int(split.val.size),
+            "bilevel": use_bilevel,
+            "unsplit_classes": split.unsplit_classes,
+            "history": history,
+        }
+        return network, metrics
+
+    def _alpha_step(self, network, Xva, yva, gs, opt_a, va_w, rng, gen) -> float:
+        """One pass over the validation split updating only the neuron parameters."""
+        cfg = self.cfg
+        network.train()
+        # freeze batch-norm statistics: the validation split must not move them
+        for m in network.modules():
+            if isinstance(m, nn.BatchNorm1d | nn.Dropout):
+                m.eval()
+        order = rng.permutation(len(yva))
+        losses = []
+        for s in range(0, len(order), cfg.batch_size):
+            rows = order[s : s + cfg.batch_size]
+            xb = _batch(Xva, rows, gs, self.device)
+            yb = torch.from_numpy(yva[rows]).to(self.device)
+            functional.reset_net(network)
+            loss = F.cross_entropy(network(xb, gen), yb, weight=va_w)
+            loss = loss + cfg.smoothness * laplacian_smoothness(network).to(loss.device)
+            opt_a.zero_grad(set_to_none=True)
+            # only alpha is stepped; gradients on W are discarded below
+            loss.backward()
+            opt_a.step()
+            losses.append(float(loss.detach()))
+        for p in network.parameters():
+            p.grad = None
+        network.train()
+        return float(np.mean(losses)) if losses else float("nan")
