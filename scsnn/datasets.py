@@ -40,6 +40,7 @@ def synthetic(
     mean_library: float = 5000.0,
     chunk: int = 20_000,
     seed: int = 0,
+    profile_seed: int | None = None,
 ) -> ad.AnnData:
     """Negative-binomial counts for ``n_types`` cell types, one of them rare.
 
@@ -47,21 +48,23 @@ def synthetic(
     slightly; the last type (``type_{n_types-1}``) makes up ``rare_fraction`` of the cells and
     the rest share the remaining cells evenly. Library sizes are log-normal around
     ``mean_library``. Counts are built ``chunk`` cells at a time and stored as CSR float32.
-    Labels are in ``obs["cell_type"]``.
+    Labels are in ``obs["cell_type"]``. ``profile_seed`` (default: ``seed``) fixes the cell-type
+    profiles apart from the cells, so that a reference and a query can share their types.
     """
     if n_types < 2:
         raise ValueError("n_types must be at least 2")
     if n_markers * n_types > n_genes:
         raise ValueError("n_markers * n_types must not exceed n_genes")
-    rng = np.random.default_rng(seed)
-    base = rng.lognormal(mean=-1.0, sigma=1.5, size=n_genes)
+    prng = np.random.default_rng(seed if profile_seed is None else profile_seed)
+    base = prng.lognormal(mean=-1.0, sigma=1.5, size=n_genes)
     base /= base.sum()
-    logfc = rng.normal(0.0, 0.25, size=(n_types, n_genes))
-    perm = rng.permutation(n_genes)
+    logfc = prng.normal(0.0, 0.25, size=(n_types, n_genes))
+    perm = prng.permutation(n_genes)
     for t in range(n_types):
         logfc[t, perm[t * n_markers : (t + 1) * n_markers]] += np.log(marker_fold)
     profiles = base * np.exp(logfc)
     profiles /= profiles.sum(axis=1, keepdims=True)
+    rng = np.random.default_rng([seed, 1]) if profile_seed is not None else prng
 
     n_rare = max(int(round(rare_fraction * n_cells)), 1) if rare_fraction > 0 else 0
     n_common = n_cells - n_rare

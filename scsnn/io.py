@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._files import file_mode
 from .errors import InputError
 
 logger = logging.getLogger("scsnn")
@@ -51,6 +52,7 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike) -> None:
     os.close(fd)
     try:
         adata.write_h5ad(tmp, compression="gzip")
+        os.chmod(tmp, file_mode(p))
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -133,9 +135,7 @@ def get_expression(
         source = "X"
     if X is None:
         raise InputError(f"no expression matrix in {source}")
-    if isinstance(X, ad.experimental.CSRDataset | ad.experimental.CSCDataset) or hasattr(
-        X, "to_memory"
-    ):
+    if hasattr(X, "to_memory"):  # backed sparse dataset
         X = X.to_memory()
     X = _as_csr32(X)
     if X.shape[0] == 0 or X.shape[1] == 0:

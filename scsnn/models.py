@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from spikingjelly.activation_based import functional
 from torch import nn
 
+from ._files import file_mode
 from ._version import __version__
 from .encoding import make_encoder
 from .errors import ModelError
@@ -277,6 +278,8 @@ class ScsnnModel:
         }
         tmp_m = d / f".{META_FILE}.tmp"
         tmp_m.write_text(json.dumps(meta, indent=1))
+        for tmp in (tmp_w, tmp_m):
+            os.chmod(tmp, file_mode(d / WEIGHTS_FILE))
         os.replace(tmp_w, d / WEIGHTS_FILE)
         os.replace(tmp_m, d / META_FILE)
         return d

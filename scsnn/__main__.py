@@ -1,0 +1,3 @@
+from scsnn.cli import main
+
+main()

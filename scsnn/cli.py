@@ -1,0 +1,294 @@
+"""The ``scsnn`` command line: train, annotate, evaluate, demo.
+
+Exit codes: 0 success, 1 data or runtime error (a one-line message; the traceback only with
+``--debug``), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import warnings
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Callable
+
+import typer
+
+from ._version import __version__
+
+app = typer.Typer(
+    name="scsnn",
+    help="Cell-type annotation of scRNA-seq data with a heterogeneous spiking neural network.\n\n"
+    "Typical use: scsnn train ref.h5ad --label-key cell_type --out model/ ; "
+    "scsnn annotate query.h5ad --model model/ ; "
+    "scsnn evaluate query.h5ad --truth-key cell_type --out report/",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+log = logging.getLogger("scsnn")
+_state: dict[str, Any] = {"debug": False}
+
+
+class Encoder(str, Enum):
+    direct = "direct"
+    rate = "rate"
+    latency = "latency"
+
+
+class Neuron(str, Enum):
+    hifi = "hifi"
+    lif = "lif"
+    plif = "plif"
+    ann = "ann"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if verbosity > 0
+                                           else "%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+    # quiet third-party chatter that says nothing about the user's data
+    for name in ("torch._library.triton", "torch", "spikingjelly", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if verbosity <= 0:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*Triton.*")
+
+
+def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected failures into a one-line message and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if _state["debug"]:
+                raise
+            from .errors import ScsnnError
+
+            if isinstance(exc, ScsnnError):
+                msg = str(exc)
+            elif isinstance(exc, OSError):
+                msg = f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}"
+            else:
+                msg = f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"
+            typer.echo(f"error: {' '.join(msg.split())}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"scsnn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True,
+                           help="Show the version and exit.")
+    ] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
+                                         help="More messages (-vv for debug).")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+    _setup_logging(-1 if quiet else verbose)
+
+
+def _parse_hidden(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter("give layer widths as comma-separated integers, e.g. 256,64")
+    if not sizes or any(s < 1 for s in sizes):
+        raise typer.BadParameter("give at least one positive layer width, e.g. 256,64")
+    return sizes
+
+
+LayerOpt = Annotated[str | None, typer.Option("--layer", help="Take expression from this layer.")]
+RawOpt = Annotated[bool, typer.Option("--use-raw", help="Take expression from .raw.")]
+SymbolsOpt = Annotated[
+    str | None, typer.Option("--gene-symbols", help="var column holding gene names to match on.")
+]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to compute.")]
+
+
+@app.command()
+@_guarded
+def train(
+    reference: Annotated[Path, typer.Argument(help="Labelled reference .h5ad.")],
+    label_key: Annotated[str, typer.Option("--label-key", "-l", help="obs column with labels.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same model on CPU).")] = 0,
+    encoder: Annotated[Encoder, typer.Option(help="Input encoding.")] = Encoder.direct,
+    timesteps: Annotated[int, typer.Option("--timesteps", "-T", min=1, max=64,
+                                           help="Time steps T.")] = 4,
+    epochs: Annotated[int, typer.Option(min=1, help="Maximum training epochs.")] = 40,
+    neuron: Annotated[Neuron, typer.Option(help="Neuron model.")] = Neuron.hifi,
+    hidden: Annotated[str, typer.Option(help="Hidden layer widths.")] = "256,64",
+    n_hvg: Annotated[int, typer.Option(min=1, help="Highly variable genes to keep.")] = 2000,
+    n_markers: Annotated[int, typer.Option(min=0, help="Top marker genes kept per class.")] = 25,
+    class_balance: Annotated[float, typer.Option(min=0.0, max=1.0,
+                             help="Sampling weight exponent: 0 as in data, 1 balanced.")] = 0.5,
+    bilevel: Annotated[bool, typer.Option(help="Neuron parameters on the validation split.")] = True,
+    min_cells_per_class: Annotated[int, typer.Option(min=1,
+                                   help="Drop classes with fewer labelled cells.")] = 1,
+    layer: LayerOpt = None,
+    use_raw: RawOpt = False,
+    gene_symbols: SymbolsOpt = None,
+    device: DeviceOpt = Device.auto,
+) -> None:
+    """Train a HIFI spiking classifier on a labelled reference and save it to OUT."""
+    sizes = _parse_hidden(hidden)
+    from . import tl
+    from .io import read_h5ad
+
+    adata = read_h5ad(reference)
+    model = tl.train(
+        adata, label_key, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, seed=seed,
+        encoder=encoder.value, timesteps=timesteps, epochs=epochs, neuron=neuron.value,
+        hidden=sizes, n_hvg=n_hvg, n_markers=n_markers, class_balance=class_balance,
+        bilevel=bilevel, min_cells_per_class=min_cells_per_class, device=device.value,
+    )
+    model.settings["reference"] = str(reference)
+    model.save(out)
+    m = model.metrics
+    f1 = m.get("val_macro_f1")
+    typer.echo(
+        f"model {model.model_id[:12]} saved to {out}: {len(model.classes)} classes, "
+        f"{model.gene_space.n_genes} genes, {m['train_seconds']:.1f} s, "
+        f"validation macro-F1 {'n/a' if f1 is None else f'{f1:.3f}'}"
+    )
+
+
+@app.command()
+@_guarded
+def annotate(
+    query: Annotated[Path, typer.Argument(help="Query .h5ad to annotate.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o",
+                      help="Write here; without it the input file is updated in place "
+                           "(atomically).")] = None,
+    key_added: Annotated[str, typer.Option(help="Prefix of the obs/obsm/uns slots.")] = "scsnn",
+    min_confidence: Annotated[float, typer.Option(min=0.0, max=1.0,
+                              help="Below this, cells are 'Unassigned'.")] = 0.0,
+    min_gene_overlap: Annotated[float, typer.Option(min=0.0, max=1.0,
+                                help="Refuse queries with fewer of the model's genes.")] = 0.5,
+    batch_size: Annotated[int, typer.Option(min=1, help="Cells per mini-batch.")] = 1024,
+    layer: LayerOpt = None,
+    use_raw: RawOpt = False,
+    gene_symbols: SymbolsOpt = None,
+    device: DeviceOpt = Device.auto,
+) -> None:
+    """Predict cell types of QUERY and write them into the AnnData."""
+    from . import tl
+    from .io import read_h5ad, write_h5ad_atomic
+    from .models import ScsnnModel
+
+    m = ScsnnModel.load(model)
+    adata = read_h5ad(query)
+    tl.annotate(
+        adata, m, key_added=key_added, min_confidence=min_confidence, layer=layer,
+        use_raw=use_raw, gene_symbols=gene_symbols, min_gene_overlap=min_gene_overlap,
+        batch_size=batch_size, device=device.value,
+    )
+    dest = output or query
+    write_h5ad_atomic(adata, dest)
+    counts = adata.obs[key_added].value_counts()
+    typer.echo(f"annotated {adata.n_obs} cells -> {dest} (obs['{key_added}'])")
+    for lab, n in counts[counts > 0].items():
+        typer.echo(f"  {lab}: {n}")
+
+
+@app.command()
+@_guarded
+def evaluate(
+    annotated: Annotated[Path, typer.Argument(help="Annotated .h5ad (from scsnn annotate).")],
+    truth_key: Annotated[str, typer.Option("--truth-key", "-t", help="obs column of true labels.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.json and tables.")],
+    key_added: Annotated[str, typer.Option(help="Prefix used at annotation.")] = "scsnn",
+    rare_threshold: Annotated[float, typer.Option(min=0.0, max=1.0,
+                              help="A class under this fraction of cells is rare.")] = 0.03,
+    restrict_to_model_classes: Annotated[bool, typer.Option(
+        help="Only cells whose true label is a model class.")] = False,
+) -> None:
+    """Per-cell-type precision, recall and F1 of the predictions, rare types called out."""
+    from .evaluate import evaluate as evaluate_predictions
+    from .evaluate import format_table
+    from .io import read_h5ad
+
+    adata = read_h5ad(annotated)
+    report = evaluate_predictions(adata, truth_key, key_added=key_added, rare_threshold=rare_threshold,
+                         restrict_to_model_classes=restrict_to_model_classes, out=out)
+    typer.echo(format_table(report))
+    typer.echo(f"report written to {out}/report.json")
+
+
+@app.command()
+@_guarded
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the model and results.")]
+    = Path("scsnn-demo"),
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    epochs: Annotated[int, typer.Option(min=1, help="Maximum training epochs.")] = 40,
+    device: DeviceOpt = Device.auto,
+) -> None:
+    """Train, annotate and evaluate on the PBMC data that ship with scanpy (700 cells)."""
+    import numpy as np
+    from sklearn.model_selection import train_test_split
+
+    from . import datasets, tl
+    from .evaluate import evaluate as evaluate_predictions
+    from .evaluate import format_table
+    from .io import write_h5ad_atomic
+
+    adata = datasets.pbmc68k_reduced()
+    idx = np.arange(adata.n_obs)
+    tr, te = train_test_split(idx, test_size=0.25, stratify=adata.obs["cell_type"],
+                              random_state=seed)
+    ref, query = adata[tr].copy(), adata[te].copy()
+    typer.echo(f"pbmc68k_reduced: {len(tr)} reference cells, {len(te)} query cells, "
+               f"{adata.obs['cell_type'].nunique()} cell types")
+    model = tl.train(ref, "cell_type", seed=seed, epochs=epochs, device=device.value)
+    model.save(out / "model")
+    query.obs["true_cell_type"] = query.obs["cell_type"]
+    tl.annotate(query, model, device=device.value)
+    write_h5ad_atomic(query, out / "query_annotated.h5ad")
+    report = evaluate_predictions(query, "true_cell_type", out=out / "evaluation")
+    typer.echo(format_table(report))
+    typer.echo(f"model: {out / 'model'}; annotated query: {out / 'query_annotated.h5ad'}; "
+               f"report: {out / 'evaluation' / 'report.json'}")
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
