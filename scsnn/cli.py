@@ -77,7 +77,7 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except typer.Exit:
+        except (typer.Exit, typer.BadParameter):
             raise
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -124,9 +124,11 @@ def _parse_hidden(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise typer.BadParameter("give layer widths as comma-separated integers, e.g. 256,64")
+        raise typer.BadParameter("give layer widths as comma-separated integers, e.g. 256,64",
+                                  param_hint="--hidden") from None
     if not sizes or any(s < 1 for s in sizes):
-        raise typer.BadParameter("give at least one positive layer width, e.g. 256,64")
+        raise typer.BadParameter("give at least one positive layer width, e.g. 256,64",
+                                  param_hint="--hidden")
     return sizes
 
 
@@ -207,9 +209,12 @@ def annotate(
 ) -> None:
     """Predict cell types of QUERY and write them into the AnnData."""
     from . import tl
+    from .errors import InputError
     from .io import read_h5ad, write_h5ad_atomic
     from .models import ScsnnModel
 
+    if output is not None and output.is_dir():
+        raise InputError(f"cannot write {output}: it is a directory")
     m = ScsnnModel.load(model)
     adata = read_h5ad(query)
     tl.annotate(

@@ -47,6 +47,8 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike) -> None:
     A crash or an error midway leaves the previous file untouched.
     """
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"cannot write {p}: it is a directory")
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp.h5ad", dir=p.parent)
     os.close(fd)

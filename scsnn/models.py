@@ -7,11 +7,13 @@ directory with ``weights.safetensors`` (tensors only: loading it cannot run code
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from torch import nn
 from ._files import file_mode
 from ._version import __version__
 from .encoding import make_encoder
-from .errors import ModelError
+from .errors import InputError, ModelError
 from .neurons import HIFINode, make_neuron
 from .pp import GeneSpace
 
@@ -162,11 +164,32 @@ class ANNClassifier(nn.Module):
 
 
 def build_network(cfg: NetworkConfig, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    if cfg.neuron == "ann":
-        return ANNClassifier(cfg, gen)
-    return SpikingClassifier(cfg, gen)
+    """A freshly initialised network; the seed fixes the initial weights.
+
+    The caller's global torch random state is left as it was.
+    """
+    seed = int(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        if cfg.neuron == "ann":
+            return ANNClassifier(cfg, gen)
+        return SpikingClassifier(cfg, gen)
+
+
+@contextlib.contextmanager
+def torch_threads_kept() -> Iterator[None]:
+    """Keep torch's intra-op thread count across code that may change it.
+
+    numba (used by scanpy) can reset the count when it starts its own threads; CPU results
+    depend on the count, so a seed only reproduces a model when it stays fixed.
+    """
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -174,9 +197,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("device 'cuda' asked for, but no CUDA device is available")
+        raise InputError("device 'cuda' asked for, but no CUDA device is available")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ModelError(f"unknown device '{device}' (auto, cpu or cuda)")
+        raise InputError(f"unknown device '{device}' (auto, cpu or cuda)")
     return torch.device(device)
 
 
@@ -207,6 +230,15 @@ def predict_logits(
         out.append((y if steps else y[-1]).float().cpu().numpy())
     functional.reset_net(network)
     return np.concatenate(out, axis=1 if steps else 0)
+
+
+def _json_default(obj: Any) -> Any:
+    """numpy scalars and arrays in settings and metrics become plain JSON values."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -260,7 +292,16 @@ class ScsnnModel:
             raise ModelError(f"a model already exists in {d}")
         d.mkdir(parents=True, exist_ok=True)
         self.model_id = self.model_id or self.compute_id()
-        tmp_w = d / f".{WEIGHTS_FILE}.tmp"
+        tmp_w, tmp_m = d / f".{WEIGHTS_FILE}.tmp", d / f".{META_FILE}.tmp"
+        try:
+            self._write(d, tmp_w, tmp_m)
+        except BaseException:
+            tmp_w.unlink(missing_ok=True)
+            tmp_m.unlink(missing_ok=True)
+            raise
+        return d
+
+    def _write(self, d: Path, tmp_w: Path, tmp_m: Path) -> None:
         save_file(self.state_tensors(), str(tmp_w), metadata={"format": MODEL_FORMAT})
         digest = hashlib.sha256(tmp_w.read_bytes()).hexdigest()
         meta = {
@@ -276,13 +317,11 @@ class ScsnnModel:
             "metrics": self.metrics,
             "gene_space": self.gene_space.to_dict(),
         }
-        tmp_m = d / f".{META_FILE}.tmp"
-        tmp_m.write_text(json.dumps(meta, indent=1))
+        tmp_m.write_text(json.dumps(meta, indent=1, default=_json_default))
         for tmp in (tmp_w, tmp_m):
             os.chmod(tmp, file_mode(d / WEIGHTS_FILE))
         os.replace(tmp_w, d / WEIGHTS_FILE)
         os.replace(tmp_m, d / META_FILE)
-        return d
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> ScsnnModel:
@@ -309,7 +348,10 @@ class ScsnnModel:
             )
         if not w_path.is_file():
             raise ModelError(f"damaged model: {w_path} is missing")
-        expected = meta.get("weights", {}).get("sha256")
+        weights = meta.get("weights")
+        expected = weights.get("sha256") if isinstance(weights, dict) else None
+        if not expected:
+            raise ModelError(f"damaged model: {meta_path} has no weights checksum")
         if expected and hashlib.sha256(w_path.read_bytes()).hexdigest() != expected:
             raise ModelError(f"damaged model: {w_path} does not match its checksum")
         try:
@@ -324,7 +366,10 @@ class ScsnnModel:
         except ModelError:
             raise
         except Exception as exc:
-            raise ModelError(f"damaged model in {d}: {type(exc).__name__}: {exc}") from None
+            detail = " ".join(str(exc).split())
+            if len(detail) > 200:
+                detail = detail[:200] + "..."
+            raise ModelError(f"damaged model in {d}: {type(exc).__name__}: {detail}") from None
         network.to(device)
         network.eval()
         return cls(

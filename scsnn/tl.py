@@ -20,6 +20,7 @@ from .models import (
     predict_logits,
     resolve_device,
     softmax,
+    torch_threads_kept,
 )
 from .pp import fit_gene_space
 from .training import BiLevelTrainer, TrainConfig
@@ -43,8 +44,10 @@ def train(
     encoder: str = "direct",
     timesteps: int = 4,
     hidden: Sequence[int] = (256, 64),
+    dropout: float = 0.2,
+    input_dropout: float = 0.2,
     epochs: int = 40,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     lr: float = 2e-3,
     bilevel: bool = True,
     online: bool = False,
@@ -53,6 +56,7 @@ def train(
     alpha_interval: int = 2,
     val_fraction: float = 0.15,
     class_balance: float = 0.5,
+    ema_decay: float = 0.0,
     min_cells_per_class: int = 1,
     seed: int = 0,
     device: str = "auto",
@@ -78,9 +82,14 @@ def train(
     encoder, timesteps
         ``direct`` (analog current each step), ``rate`` (Bernoulli spikes) or ``latency``
         (time to first spike), over ``timesteps`` steps.
+    dropout, input_dropout
+        Dropout between hidden layers, and on the input genes (robustness to genes that a
+        query measures poorly).
     bilevel
         Neuron parameters on the validation split every ``alpha_interval`` epochs (True), or
         trained jointly with the synapses (False).
+    batch_size
+        Cells per mini-batch (default: 128 under 20,000 training cells, else 512).
     class_balance
         Exponent b of the sampling weight ``n_class ** -b`` (0: as in the data, 1: balanced).
     min_cells_per_class
@@ -92,6 +101,10 @@ def train(
     -------
     The trained :class:`~scsnn.models.ScsnnModel`; ``model.save(dir)`` writes it to disk.
     """
+    seed = int(seed)
+    dev = resolve_device(device)
+    if neuron not in ("hifi", "lif", "plif", "ann"):
+        raise InputError(f"unknown neuron '{neuron}' (hifi, lif, plif or ann)")
     labels = get_labels(adata, label_key)
     keep = labels.notna().to_numpy()
     if not keep.all():
@@ -130,15 +143,15 @@ def train(
         expr.source,
         "raw counts" if expr.kind == "counts" else "log-normalised values",
     )
-    gs, Xsel = fit_gene_space(
-        expr,
-        codes,
-        classes,
-        n_hvg=n_hvg,
-        n_markers=n_markers,
-        restrict_genes=list(genes) if genes is not None else None,
-    )
-    dev = resolve_device(device)
+    with torch_threads_kept():
+        gs, Xsel = fit_gene_space(
+            expr,
+            codes,
+            classes,
+            n_hvg=int(n_hvg),
+            n_markers=int(n_markers),
+            restrict_genes=list(genes) if genes is not None else None,
+        )
     cfg = NetworkConfig(
         n_genes=gs.n_genes,
         n_classes=len(classes),
@@ -146,18 +159,18 @@ def train(
         timesteps=int(timesteps),
         encoder=encoder,
         neuron=neuron,
+        dropout=dropout,
+        input_dropout=input_dropout,
         online=online,
         autapse=autapse,
         clip=gs.clip,
     )
-    if neuron not in ("hifi", "lif", "plif", "ann"):
-        raise InputError(f"unknown neuron '{neuron}' (hifi, lif, plif or ann)")
     try:
         network = build_network(cfg, seed)
     except ValueError as exc:
         raise InputError(str(exc)) from None
     tcfg = TrainConfig(
-        epochs=epochs,
+        epochs=int(epochs),
         batch_size=batch_size,
         lr=lr,
         alpha_interval=alpha_interval,
@@ -165,6 +178,7 @@ def train(
         bilevel=bilevel,
         val_fraction=val_fraction,
         class_balance=class_balance,
+        ema_decay=ema_decay,
         seed=seed,
         progress=progress,
     )
@@ -177,8 +191,8 @@ def train(
         "layer": layer,
         "use_raw": use_raw,
         "gene_symbols": gene_symbols,
-        "n_hvg": n_hvg,
-        "n_markers": n_markers,
+        "n_hvg": int(n_hvg),
+        "n_markers": int(n_markers),
         "seed": seed,
         "device": str(dev),
         "train": tcfg.to_dict(),
@@ -253,7 +267,8 @@ def annotate(
     if copy:
         adata = adata.copy()
     expr = get_expression(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols)
-    Xq, present = m.gene_space.project(expr)
+    with torch_threads_kept():
+        Xq, present = m.gene_space.project(expr)
     n_present = int(present.sum())
     frac = n_present / m.gene_space.n_genes
     if frac < min_gene_overlap:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from spikingjelly.activation_based import functional
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .pp import GeneSpace
@@ -37,7 +38,8 @@ class TrainConfig:
     """Settings of the training loop (see :func:`scsnn.tl.train` for their meaning)."""
 
     epochs: int = 40
-    batch_size: int = 128
+    batch_size: int | None = None
+    min_samples_per_epoch: int = 4096
     lr: float = 2e-3
     weight_decay: float = 1e-4
     alpha_lr: float = 1e-2
@@ -47,7 +49,8 @@ class TrainConfig:
     val_fraction: float = 0.15
     class_balance: float = 0.5
     label_smoothing: float = 0.1
-    patience: int = 10
+    ema_decay: float = 0.0
+    patience: int = 8
     min_epochs: int = 5
     seed: int = 0
     progress: bool | None = None
@@ -113,6 +116,11 @@ def _batch(X: sp.csr_matrix, rows: np.ndarray, gs: GeneSpace, device: torch.devi
     return torch.from_numpy(gs.scale(X[rows])).to(device)
 
 
+def auto_batch_size(n_train: int) -> int:
+    """128 cells per mini-batch for references under 20,000 cells, 512 above."""
+    return 128 if n_train < 20_000 else 512
+
+
 class BiLevelTrainer:
     """Trains a network built by :func:`scsnn.models.build_network` on projected cells."""
 
@@ -127,15 +135,16 @@ class BiLevelTrainer:
 
     @torch.no_grad()
     def _predict(self, network: nn.Module, X: sp.csr_matrix, gs: GeneSpace) -> np.ndarray:
+        """Logits of the network on X, in eval mode."""
         network.eval()
         preds = []
         gen = torch.Generator().manual_seed(self.cfg.seed)
         for s in range(0, X.shape[0], 1024):
             functional.reset_net(network)
             xb = _batch(X, np.arange(s, min(s + 1024, X.shape[0])), gs, self.device)
-            preds.append(network(xb, gen).argmax(1).cpu().numpy())
+            preds.append(network(xb, gen).float().cpu().numpy())
         functional.reset_net(network)
-        return np.concatenate(preds) if preds else np.array([], dtype=np.int64)
+        return np.concatenate(preds)
 
     def fit(
         self,
@@ -179,17 +188,23 @@ class BiLevelTrainer:
                             np.ones(n_classes), dtype=torch.float32, device=self.device)
 
         p_train = self._sampling_weights(ytr)
-        n_per_epoch = len(ytr)
+        # small references get enough updates per epoch; large ones one pass per epoch
+        n_per_epoch = max(len(ytr), cfg.min_samples_per_epoch)
+        batch_size = cfg.batch_size or auto_batch_size(len(ytr))
         show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-        best_f1, best_state, best_epoch, bad = -1.0, None, 0, 0
+        best_f1, best_loss, best_state, best_epoch, bad = -1.0, np.inf, None, 0, 0
         history: list[dict[str, float]] = []
+        # an exponential moving average of the weights is what gets validated and kept
+        ema = (AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
+                             use_buffers=True) if cfg.ema_decay > 0 else None)
+        evaluated = ema.module if ema is not None else network
         bar = tqdm(range(cfg.epochs), desc="training", disable=not show, leave=False)
         for epoch in bar:
             network.train()
             order = rng.choice(len(ytr), size=n_per_epoch, replace=True, p=p_train)
             losses = []
-            for s in range(0, n_per_epoch, cfg.batch_size):
-                rows = order[s : s + cfg.batch_size]
+            for s in range(0, n_per_epoch, batch_size):
+                rows = order[s : s + batch_size]
                 if rows.size < 2:
                     continue
                 xb = _batch(Xtr, rows, gs, self.device)
@@ -199,23 +214,33 @@ class BiLevelTrainer:
                 opt_w.zero_grad(set_to_none=True)
                 loss.backward()
                 opt_w.step()
+                if ema is not None:
+                    ema.update_parameters(network)
                 losses.append(float(loss.detach()))
             sched.step()
 
             alpha_loss = float("nan")
             if use_bilevel and (epoch + 1) % cfg.alpha_interval == 0:
-                alpha_loss = self._alpha_step(network, Xva, yva, gs, opt_a, va_w, rng, gen)
+                alpha_loss = self._alpha_step(network, Xva, yva, gs, opt_a, va_w, rng, gen,
+                                              batch_size)
+                if ema is not None:
+                    ema.update_parameters(network)
 
             rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else 0.0,
                    "alpha_loss": alpha_loss}
             if has_val:
-                pred = self._predict(network, Xva, gs)
+                logits = self._predict(evaluated, Xva, gs)
+                pred = logits.argmax(1)
                 f1 = float(f1_score(yva, pred, average="macro", labels=np.unique(yva),
                                     zero_division=0))
-                rec["val_macro_f1"] = f1
-                if f1 > best_f1 + 1e-6:
-                    best_f1, best_epoch, bad = f1, epoch + 1, 0
-                    best_state = copy.deepcopy(network.state_dict())
+                vloss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(yva),
+                                              weight=va_w.cpu()))
+                rec["val_macro_f1"], rec["val_loss"] = f1, vloss
+                # macro-F1 decides; on a tie (small validation splits often tie) the
+                # lower class-weighted validation loss does
+                if f1 > best_f1 + 1e-6 or (f1 > best_f1 - 1e-6 and vloss < best_loss):
+                    best_f1, best_loss, best_epoch, bad = max(f1, best_f1), vloss, epoch + 1, 0
+                    best_state = copy.deepcopy(evaluated.state_dict())
                 else:
                     bad += 1
                 bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val_f1=f"{f1:.3f}")
@@ -226,6 +251,8 @@ class BiLevelTrainer:
         bar.close()
         if best_state is not None:
             network.load_state_dict(best_state)
+        elif ema is not None:
+            network.load_state_dict(ema.module.state_dict())
         else:
             best_epoch = len(history)
         functional.reset_net(network)
@@ -243,29 +270,32 @@ class BiLevelTrainer:
         }
         return network, metrics
 
-    def _alpha_step(self, network, Xva, yva, gs, opt_a, va_w, rng, gen) -> float:
+    def _alpha_step(self, network, Xva, yva, gs, opt_a, va_w, rng, gen, batch_size) -> float:
         """One pass over the validation split updating only the neuron parameters."""
         cfg = self.cfg
         network.train()
+        alpha_ids = {id(p) for p in network.neuron_parameters()}
+        frozen = [p for p in network.parameters() if id(p) not in alpha_ids and p.requires_grad]
+        for p in frozen:  # no gradient work for the synapses at the upper level
+            p.requires_grad_(False)
         # freeze batch-norm statistics: the validation split must not move them
         for m in network.modules():
             if isinstance(m, nn.BatchNorm1d | nn.Dropout):
                 m.eval()
         order = rng.permutation(len(yva))
         losses = []
-        for s in range(0, len(order), cfg.batch_size):
-            rows = order[s : s + cfg.batch_size]
+        for s in range(0, len(order), batch_size):
+            rows = order[s : s + batch_size]
             xb = _batch(Xva, rows, gs, self.device)
             yb = torch.from_numpy(yva[rows]).to(self.device)
             functional.reset_net(network)
             loss = F.cross_entropy(network(xb, gen), yb, weight=va_w)
             loss = loss + cfg.smoothness * laplacian_smoothness(network).to(loss.device)
             opt_a.zero_grad(set_to_none=True)
-            # only alpha is stepped; gradients on W are discarded below
             loss.backward()
             opt_a.step()
             losses.append(float(loss.detach()))
-        for p in network.parameters():
-            p.grad = None
+        for p in frozen:
+            p.requires_grad_(True)
         network.train()
         return float(np.mean(losses)) if losses else float("nan")

@@ -1,0 +1,356 @@
+"""scsnn command line: train -> annotate -> evaluate, error handling and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from typer.testing import CliRunner
+
+import scsnn
+from scsnn.cli import app
+from scsnn.errors import InputError
+
+from conftest import DATA_DIR
+
+runner = CliRunner()
+TRAIN_SMALL = ["--epochs", "4", "--hidden", "32,16", "--n-hvg", "200", "--device", "cpu"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_clean_error(result, *fragments):
+    """Exit code 1, one 'error: ...' line on stderr, no traceback."""
+    assert result.exit_code == 1, result.output
+    err = result.stderr.strip()
+    assert err.startswith("error: "), err
+    assert "\n" not in err, err
+    assert "Traceback" not in result.output
+    for f in fragments:
+        assert f in err, err
+    return err
+
+
+def assert_usage_error(result, fragment):
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, _pbmc_session):
+    """A folder with the reference file and a model trained by the CLI."""
+    d = tmp_path_factory.mktemp("cli")
+    ref = d / "ref.h5ad"
+    src = DATA_DIR / "pbmc68k_reduced.h5ad"
+    if src.is_file():
+        shutil.copyfile(src, ref)
+    else:
+        _pbmc_session.write_h5ad(ref)
+    model = d / "model"
+    r = invoke("train", ref, "--label-key", "cell_type", "--out", model, *TRAIN_SMALL)
+    assert r.exit_code == 0, r.output
+    assert "saved to" in r.stdout
+    return d, ref, model
+
+
+def _variant(work, name, fn) -> Path:
+    """Write a modified copy of the reference."""
+    d, ref, _ = work
+    a = ad.read_h5ad(ref)
+    a = fn(a) or a
+    p = d / name
+    a.write_h5ad(p)
+    return p
+
+
+def _fingerprint(p: Path):
+    st = p.stat()
+    return p.read_bytes(), st.st_mtime_ns
+
+
+# -- basics -------------------------------------------------------------------------------
+def test_version_and_help():
+    r = invoke("--version")
+    assert r.exit_code == 0 and r.stdout.strip() == f"scsnn {scsnn.__version__}"
+    r = invoke("--help")
+    assert r.exit_code == 0
+    for cmd in ("train", "annotate", "evaluate", "demo"):
+        assert cmd in r.stdout
+    r = invoke("annotate", "--help")
+    assert r.exit_code == 0 and "--min-confidence" in r.stdout and "--model" in r.stdout
+
+
+def test_train_writes_loadable_model(work):
+    _, _, model = work
+    m = scsnn.load_model(model)
+    assert m.config.hidden == (32, 16) and len(m.classes) == 10
+    assert m.settings["reference"].endswith("ref.h5ad")
+    assert m.settings["train"]["epochs"] == 4
+
+
+def test_annotate_output_then_evaluate(work):
+    d, ref, model = work
+    before = _fingerprint(ref)
+    out = d / "annotated.h5ad"
+    r = invoke("annotate", ref, "--model", model, "--output", out, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert f"annotated 700 cells -> {out}" in r.stdout
+    assert _fingerprint(ref) == before  # --output leaves the input alone
+    a = ad.read_h5ad(out)
+    assert "scsnn" in a.obs and "scsnn_probabilities" in a.obsm and "scsnn" in a.uns
+
+    rep_dir = d / "report"
+    r = invoke("evaluate", out, "--truth-key", "cell_type", "--out", rep_dir)
+    assert r.exit_code == 0, r.output
+    assert "accuracy" in r.stdout and "macro-F1" in r.stdout
+    rep = json.loads((rep_dir / "report.json").read_text())
+    for k in ("accuracy", "macro_f1", "balanced_accuracy"):
+        assert 0.0 <= rep[k] <= 1.0
+    acc = (a.obs["scsnn"].astype(str) == a.obs["cell_type"].astype(str)).mean()
+    assert rep["accuracy"] == pytest.approx(acc)
+    assert len(rep["per_class"]) == 10
+    for e in rep["per_class"]:
+        assert {"label", "support", "precision", "recall", "f1", "rare"} <= set(e)
+        assert isinstance(e["rare"], bool) and e["support"] > 0
+    assert sum(e["support"] for e in rep["per_class"]) == 700
+    assert (rep_dir / "per_class.csv").is_file() and (rep_dir / "confusion.csv").is_file()
+
+
+def test_annotate_in_place_keeps_everything(work):
+    d, ref, model = work
+
+    def decorate(a):
+        a.obs["batch_note"] = np.where(np.arange(a.n_obs) % 2 == 0, "x", "y")
+        a.layers["extra"] = sp.csr_matrix(a.X, copy=True)
+        a.uns["my_meta"] = {"a": 1}
+        a.obsm["X_fake"] = np.arange(a.n_obs * 2, dtype=np.float32).reshape(-1, 2)
+
+    q = _variant(work, "inplace.h5ad", decorate)
+    orig = ad.read_h5ad(q)
+    r = invoke("annotate", q, "-m", model, "--device", "cpu", "--key-added", "pred")
+    assert r.exit_code == 0, r.output
+    a = ad.read_h5ad(q)
+    assert "pred" in a.obs and "pred_confidence" in a.obs and "pred_probabilities" in a.obsm
+    assert a.uns["pred"]["model"] == scsnn.load_model(model).model_id
+    for col in orig.obs.columns:
+        assert col in a.obs
+        assert list(a.obs[col].astype(str)) == list(orig.obs[col].astype(str))
+    assert set(orig.layers) <= set(a.layers)
+    for k in orig.layers:
+        assert (a.layers[k] != orig.layers[k]).nnz == 0
+    assert (a.X != orig.X).nnz == 0
+    assert set(orig.uns) <= set(a.uns) and a.uns["my_meta"]["a"] == 1
+    np.testing.assert_array_equal(a.obsm["X_fake"], orig.obsm["X_fake"])
+    assert list(a.obs_names) == list(orig.obs_names)
+    assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == []  # no temp
+
+
+def test_min_confidence_option(work):
+    d, ref, model = work
+    out = d / "strict.h5ad"
+    r = invoke("annotate", ref, "-m", model, "-o", out, "--min-confidence", "0.99",
+               "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    a = ad.read_h5ad(out)
+    low = a.obs["scsnn_confidence"].to_numpy() < 0.99
+    assert low.any()
+    assert np.all(a.obs["scsnn"].astype(str).to_numpy()[low] == "Unassigned")
+    assert "Unassigned:" in r.stdout
+
+
+# -- errors: exit 1, one line, no traceback ---------------------------------------------------
+def test_missing_input_file(work, tmp_path):
+    _, _, model = work
+    assert_clean_error(invoke("annotate", tmp_path / "nope.h5ad", "-m", model),
+                       "file not found")
+    assert_clean_error(invoke("train", tmp_path / "nope.h5ad", "-l", "x", "-o",
+                              tmp_path / "m"), "file not found")
+    assert_clean_error(invoke("evaluate", tmp_path / "nope.h5ad", "-t", "x", "-o", tmp_path),
+                       "file not found")
+    assert not (tmp_path / "m").exists()
+
+
+def test_garbage_input_file(work, tmp_path):
+    _, _, model = work
+    p = tmp_path / "bad.h5ad"
+    p.write_text("hello\nworld\n")
+    assert_clean_error(invoke("annotate", p, "-m", model), "cannot read")
+    assert p.read_text() == "hello\nworld\n"
+
+
+def test_missing_label_key(work, tmp_path):
+    _, ref, _ = work
+    assert_clean_error(invoke("train", ref, "-l", "celltype", "-o", tmp_path / "m",
+                              *TRAIN_SMALL), "label key 'celltype' not in obs")
+    assert not (tmp_path / "m").exists()
+
+
+def test_evaluate_missing_keys(work, tmp_path):
+    _, ref, _ = work
+    assert_clean_error(invoke("evaluate", ref, "-t", "cell_type", "-o", tmp_path / "r"),
+                       "no predictions")
+
+
+def test_corrupt_model_dir(work, tmp_path):
+    _, ref, model = work
+    bad = tmp_path / "bad_model"
+    shutil.copytree(model, bad)
+    (bad / "model.json").write_text("{ not json")
+    before = _fingerprint(ref)
+    assert_clean_error(invoke("annotate", ref, "-m", bad), "damaged model")
+    shutil.copyfile(model / "model.json", bad / "model.json")
+    w = bytearray((bad / "weights.safetensors").read_bytes())
+    w[-1] ^= 0x55
+    (bad / "weights.safetensors").write_bytes(bytes(w))
+    assert_clean_error(invoke("annotate", ref, "-m", bad), "checksum")
+    assert_clean_error(invoke("annotate", ref, "-m", tmp_path / "nomodel"),
+                       "model directory not found")
+    assert _fingerprint(ref) == before
+
+
+def _set_value(value):
+    def fn(a):
+        X = a.X.toarray()
+        X[3, 5] = value
+        a.X = sp.csr_matrix(X)
+    return fn
+
+
+@pytest.mark.parametrize("value,fragment", [(np.nan, "NaN"), (-1.0, "negative values")])
+def test_bad_values_refused_input_unchanged(work, value, fragment):
+    d, _, model = work
+    q = _variant(work, f"bad_{fragment[:3]}.h5ad", _set_value(value))
+    before = _fingerprint(q)
+    assert_clean_error(invoke("annotate", q, "-m", model, "--device", "cpu"), fragment)
+    assert _fingerprint(q) == before  # same bytes, same mtime
+    assert not [p for p in d.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_values_refused_by_train(work, tmp_path):
+    q = _variant(work, "bad_train.h5ad", _set_value(np.inf))
+    assert_clean_error(invoke("train", q, "-l", "cell_type", "-o", tmp_path / "m",
+                              *TRAIN_SMALL), "NaN or infinite")
+
+
+def test_query_without_shared_genes(work):
+    _, _, model = work
+
+    def rename(a):
+        a.var_names = [f"X{i}" for i in range(a.n_vars)]
+
+    q = _variant(work, "nogenes.h5ad", rename)
+    before = _fingerprint(q)
+    err = assert_clean_error(invoke("annotate", q, "-m", model, "--device", "cpu"),
+                             "holds 0 of the model's")
+    assert "--gene-symbols" in err
+    assert _fingerprint(q) == before
+
+
+def test_debug_shows_exception(work, tmp_path):
+    r = invoke("--debug", "annotate", tmp_path / "nope.h5ad", "-m", work[2])
+    assert r.exit_code != 0
+    assert isinstance(r.exception, scsnn.ScsnnError)
+
+
+# -- usage errors: exit 2 ---------------------------------------------------------------------
+def test_usage_errors(work, tmp_path):
+    _, ref, model = work
+    assert_usage_error(invoke("train", ref, "-o", tmp_path / "m"), "--label-key")
+    assert_usage_error(invoke("train", ref, "-l", "cell_type", "-o", tmp_path / "m",
+                              "--encoder", "morse"), "--encoder")
+    assert_usage_error(invoke("annotate", ref), "--model")
+    assert_usage_error(invoke("annotate", ref, "-m", model, "--min-confidence", "2"),
+                       "--min-confidence")
+    assert_usage_error(invoke("nonsense"), "nonsense")
+    assert not (tmp_path / "m").exists()
+
+
+def test_bad_hidden_is_usage_error(work, tmp_path):
+    _, ref, _ = work
+    assert_usage_error(invoke("train", ref, "-l", "cell_type", "-o", tmp_path / "m",
+                              "--hidden", "abc"), "--hidden")
+
+
+# -- demo -------------------------------------------------------------------------------------
+def test_demo_small_budget(tmp_path):
+    out = tmp_path / "demo"
+    r = invoke("demo", "--out", out, "--epochs", "3", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "pbmc68k_reduced: 525 reference cells, 175 query cells" in r.stdout
+    m = scsnn.load_model(out / "model")
+    assert len(m.classes) == 10
+    a = ad.read_h5ad(out / "query_annotated.h5ad")
+    assert a.n_obs == 175 and "scsnn" in a.obs and "true_cell_type" in a.obs
+    rep = json.loads((out / "evaluation" / "report.json").read_text())
+    assert rep["n_cells"] == 175 and rep["truth_key"] == "true_cell_type"
+    assert rep["model"] == m.model_id
+
+
+# -- a real process ---------------------------------------------------------------------------
+def _run(*args, cwd=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "scsnn", *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=300)
+
+
+def test_subprocess_exit_codes(work, tmp_path):
+    _, ref, model = work
+    r = _run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"scsnn {scsnn.__version__}"
+
+    q = _variant(work, "sub_nan.h5ad", _set_value(np.nan))
+    before = _fingerprint(q)
+    r = _run("annotate", q, "--model", model, "--device", "cpu")
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith("error: ") and "NaN" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr + r.stdout
+    assert _fingerprint(q) == before
+
+    r = _run("train", ref, "-l", "cell_type", "-o", tmp_path / "m", "--encoder", "morse")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_module_api_matches_cli_error_class(work, tmp_path):
+    # the message printed by the CLI is the library's InputError text
+    with pytest.raises(InputError) as ei:
+        scsnn.read_h5ad(tmp_path / "nope.h5ad")
+    r = invoke("annotate", tmp_path / "nope.h5ad", "-m", work[2])
+    assert r.stderr.strip() == f"error: {ei.value}"
+
+
+def test_output_is_a_directory(work, tmp_path):
+    _, ref, model = work
+    out = tmp_path / "outdir"
+    out.mkdir()
+    err = assert_clean_error(invoke("annotate", ref, "-m", model, "-o", out, "--device", "cpu"))
+    assert str(out) in err and ".tmp" not in err
+
+
+def test_quiet_and_verbose(work, tmp_path):
+    _, ref, model = work
+    r = invoke("-q", "annotate", ref, "-m", model, "-o", tmp_path / "q.h5ad", "--device", "cpu")
+    assert r.exit_code == 0 and r.stderr == ""
+    assert "annotated 700 cells" in r.stdout
+    r = invoke("annotate", ref, "-m", model, "-o", tmp_path / "v.h5ad", "--device", "cpu")
+    assert r.exit_code == 0 and "annotated 700 cells (" in r.stderr  # the INFO log line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_requested_without_cuda(work, tmp_path):
+    _, ref, _ = work
+    assert_clean_error(invoke("-q", "train", ref, "-l", "cell_type", "-o", tmp_path / "m",
+                              "--epochs", "1", "--device", "cuda"), "no CUDA device")
+    assert not (tmp_path / "m").exists()

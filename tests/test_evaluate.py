@@ -1,0 +1,168 @@
+"""scsnn.evaluate: per-class report, rare classes, files and uns."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import assert_one_line
+
+import scsnn
+from scsnn.errors import InputError
+from scsnn.evaluate import classification_report, format_table, per_class_table
+
+pytestmark = pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+
+TRUTH = ["a", "a", "a", "b", "b", "c"]
+PRED = ["a", "a", "b", "b", "Unassigned", "c"]
+
+
+def test_classification_report_hand_made():
+    r = classification_report(TRUTH, PRED, rare_threshold=0.2)
+    assert r["n_cells"] == 6
+    assert r["accuracy"] == pytest.approx(4 / 6)
+    pc = {x["label"]: x for x in r["per_class"]}
+    assert list(pc) == ["a", "b", "c"]  # true classes only, sorted
+    assert pc["a"]["precision"] == pytest.approx(1.0)
+    assert pc["a"]["recall"] == pytest.approx(2 / 3)
+    assert pc["a"]["f1"] == pytest.approx(0.8)
+    assert pc["b"]["precision"] == pytest.approx(0.5)
+    assert pc["b"]["recall"] == pytest.approx(0.5)
+    assert pc["b"]["f1"] == pytest.approx(0.5)
+    assert pc["c"]["precision"] == pc["c"]["recall"] == pc["c"]["f1"] == pytest.approx(1.0)
+    assert [pc[k]["support"] for k in "abc"] == [3, 2, 1]
+    assert pc["a"]["fraction"] == pytest.approx(0.5)
+    assert r["macro_f1"] == pytest.approx((0.8 + 0.5 + 1.0) / 3)
+    assert r["balanced_accuracy"] == pytest.approx((2 / 3 + 0.5 + 1.0) / 3)
+    # "Unassigned" counts as an error and appears in the confusion matrix
+    assert r["confusion"]["labels"] == ["a", "b", "c", "Unassigned"]
+    assert r["confusion"]["matrix"] == [[2, 1, 0, 0], [0, 1, 0, 1], [0, 0, 1, 0], [0, 0, 0, 0]]
+    # rare: c is 1/6 < 0.2
+    assert r["rare_classes"] == ["c"]
+    assert [pc[k]["rare"] for k in "abc"] == [False, False, True]
+    assert r["rare_mean_recall"] == pytest.approx(1.0)
+    assert all(x["in_model"] is None for x in r["per_class"])
+
+
+def test_rare_threshold_boundary_and_model_classes():
+    # b is exactly 2/6: not rare under a threshold of 1/3 (strictly below counts)
+    r = classification_report(TRUTH, PRED, rare_threshold=2 / 6, model_classes=["a", "b"])
+    assert r["rare_classes"] == ["c"]
+    r = classification_report(TRUTH, PRED, rare_threshold=0.34, model_classes=["a", "b"])
+    assert r["rare_classes"] == ["b", "c"]
+    assert r["rare_mean_recall"] == pytest.approx(0.75)
+    assert {x["label"]: x["in_model"] for x in r["per_class"]} == {"a": True, "b": True,
+                                                                 "c": False}
+    r = classification_report(TRUTH, PRED, rare_threshold=0.0)
+    assert r["rare_classes"] == [] and r["rare_mean_recall"] is None
+
+
+def test_classification_report_empty():
+    with pytest.raises(InputError, match="no cells"):
+        classification_report([], [])
+
+
+def test_format_table():
+    r = classification_report(TRUTH, PRED, rare_threshold=0.2)
+    text = format_table(r)
+    assert "accuracy 0.667" in text and "macro-F1 0.767" in text
+    assert "rare classes (< 20% of cells): c" in text
+    assert list(per_class_table(r)["label"]) == ["a", "b", "c"]
+
+
+def _annotated_toy(n_rep=10) -> ad.AnnData:
+    truth = TRUTH * n_rep
+    pred = PRED * n_rep
+    a = ad.AnnData(X=np.ones((len(truth), 2), dtype=np.float32))
+    a.obs_names = [f"c{i}" for i in range(len(truth))]
+    a.obs["truth"] = pd.Categorical(truth)
+    a.obs["scsnn"] = pd.Categorical(pred, categories=["a", "b", "c", "Unassigned"])
+    a.uns["scsnn"] = {"classes": np.array(["a", "b", "c"], dtype=object), "model": "abc123"}
+    return a
+
+
+def test_evaluate_writes_files_and_uns(tmp_path):
+    a = _annotated_toy()
+    out = tmp_path / "report"
+    r = scsnn.evaluate(a, "truth", rare_threshold=0.2, out=out)
+    assert r["accuracy"] == pytest.approx(4 / 6)
+    assert r["model"] == "abc123" and r["truth_key"] == "truth" and r["n_cells_skipped"] == 0
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["macro_f1"] == pytest.approx(r["macro_f1"])
+    assert on_disk["per_class"][0].keys() >= {"label", "support", "precision", "recall", "f1",
+                                              "rare"}
+    pc = pd.read_csv(out / "per_class.csv")
+    assert list(pc.columns) == ["label", "support", "fraction", "precision", "recall", "f1",
+                                "rare"]
+    assert list(pc["support"]) == [30, 20, 10]
+    assert list(pc["rare"]) == [False, False, True]
+    cm = pd.read_csv(out / "confusion.csv", index_col=0)
+    assert list(cm.columns) == ["a", "b", "c", "Unassigned"]
+    assert cm.loc["a", "b"] == 10 and cm.loc["b", "Unassigned"] == 10
+    ev = a.uns["scsnn_evaluation"]
+    assert ev["accuracy"] == pytest.approx(4 / 6)
+    assert list(ev["rare_classes"]) == ["c"]
+    assert list(ev["per_class"]["label"]) == ["a", "b", "c"]
+    # the AnnData still writes and reads back
+    p = tmp_path / "a.h5ad"
+    scsnn.write_h5ad_atomic(a, p)
+    b = ad.read_h5ad(p)
+    np.testing.assert_array_equal(b.uns["scsnn_evaluation"]["confusion"], cm.to_numpy())
+    assert b.uns["scsnn_evaluation"]["macro_f1"] == pytest.approx(r["macro_f1"])
+
+
+def test_evaluate_no_rare_class_still_writes(tmp_path):
+    a = _annotated_toy()
+    scsnn.evaluate(a, "truth", rare_threshold=0.0)
+    scsnn.write_h5ad_atomic(a, tmp_path / "a.h5ad")
+    assert len(ad.read_h5ad(tmp_path / "a.h5ad").uns["scsnn_evaluation"]["rare_classes"]) == 0
+
+
+def test_evaluate_skips_missing_truth_and_restricts():
+    a = _annotated_toy()
+    t = np.array(a.obs["truth"], dtype=object)
+    t[:6] = None
+    a.obs["truth"] = pd.Categorical(t)
+    r = scsnn.evaluate(a, "truth")
+    assert r["n_cells_skipped"] == 6 and r["n_cells"] == 54
+    a.uns["scsnn"]["classes"] = np.array(["a", "b"], dtype=object)
+    r = scsnn.evaluate(a, "truth", restrict_to_model_classes=True)
+    assert r["n_cells"] == 45 and [x["label"] for x in r["per_class"]] == ["a", "b"]
+
+
+def test_evaluate_missing_keys():
+    a = _annotated_toy()
+    with pytest.raises(InputError, match="truth key 'nope' not in obs") as ei:
+        scsnn.evaluate(a, "nope")
+    assert_one_line(str(ei.value))
+    with pytest.raises(InputError, match=r"no predictions in obs\['other'\]"):
+        scsnn.evaluate(a, "truth", key_added="other")
+    a.obs["none"] = pd.Categorical([None] * a.n_obs, categories=["a"])
+    with pytest.raises(InputError, match="no cell has a usable true label"):
+        scsnn.evaluate(a, "none")
+
+
+def test_evaluate_real_annotation(pbmc_annotated, tmp_path):
+    a = pbmc_annotated.copy()
+    r = scsnn.evaluate(a, "cell_type", out=tmp_path / "ev")
+    acc = (a.obs["scsnn"].astype(str) == a.obs["cell_type"].astype(str)).mean()
+    assert r["accuracy"] == pytest.approx(acc)
+    assert r["model"] == a.uns["scsnn"]["model"]
+    assert {x["label"] for x in r["per_class"]} == set(a.obs["cell_type"].astype(str))
+    assert all(x["in_model"] for x in r["per_class"])
+    # pbmc68k_reduced: 8 and 13 of 700 cells are under 3%
+    assert {"CD4+/CD45RA+/CD25- Naive T", "CD34+"} <= set(r["rare_classes"])
+    scsnn.write_h5ad_atomic(a, tmp_path / "a.h5ad")
+    assert "scsnn_evaluation" in ad.read_h5ad(tmp_path / "a.h5ad").uns
+
+
+def test_unassigned_predictions_do_not_warn():
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        r = classification_report(TRUTH, PRED)
+    assert r["balanced_accuracy"] == pytest.approx((2 / 3 + 0.5 + 1.0) / 3)
+    assert not [w for w in rec if issubclass(w.category, UserWarning)]

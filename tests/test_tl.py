@@ -1,0 +1,364 @@
+"""scsnn.tl: train on a labelled AnnData, annotate a query."""
+
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+from conftest import SMALL, assert_one_line, cuda_only, shared_file
+
+import scsnn
+from scsnn.errors import InputError
+from scsnn.tl import UNASSIGNED, label_summary
+
+KEY = "scsnn"
+
+
+# -- what annotate writes -----------------------------------------------------------------
+def test_annotate_writes_all_slots(pbmc_annotated, pbmc_model):
+    a = pbmc_annotated
+    classes = pbmc_model.classes
+    assert classes == sorted(a.obs["cell_type"].astype(str).unique())
+    pred = a.obs[KEY]
+    assert isinstance(pred.dtype, pd.CategoricalDtype)
+    assert list(pred.cat.categories) == classes + [UNASSIGNED]
+    assert pred.notna().all()
+
+    conf = a.obs[f"{KEY}_confidence"].to_numpy()
+    assert conf.shape == (a.n_obs,)
+    assert np.all((conf >= 1.0 / len(classes) - 1e-6) & (conf <= 1.0))
+
+    proba = a.obsm[f"{KEY}_probabilities"]
+    assert isinstance(proba, pd.DataFrame)
+    assert list(proba.columns) == classes and list(proba.index) == list(a.obs_names)
+    P = proba.to_numpy()
+    np.testing.assert_allclose(P.sum(1), 1.0, atol=1e-5)
+    assert np.all(P >= 0)
+    # the label is the most probable class, the confidence its probability
+    assert list(pred.astype(str)) == [classes[i] for i in P.argmax(1)]
+    np.testing.assert_allclose(conf, P.max(1), rtol=1e-6)
+
+    uns = a.uns[KEY]
+    assert set(uns) == {"params", "classes", "model", "gene_overlap", "version"}
+    assert list(uns["classes"]) == classes
+    assert uns["model"] == pbmc_model.model_id and len(uns["model"]) == 64
+    assert uns["version"] == scsnn.__version__
+    assert uns["gene_overlap"]["n_model_genes"] == pbmc_model.gene_space.n_genes
+    assert uns["gene_overlap"]["n_present"] == pbmc_model.gene_space.n_genes
+    assert uns["gene_overlap"]["fraction"] == 1.0
+    assert uns["params"]["neuron"] == "hifi" and uns["params"]["encoder"] == "direct"
+    assert uns["params"]["min_confidence"] == 0.0
+
+
+def test_small_model_learns(pbmc_annotated, pbmc_model):
+    a = pbmc_annotated
+    acc = (a.obs[KEY].astype(str) == a.obs["cell_type"].astype(str)).mean()
+    majority = a.obs["cell_type"].value_counts(normalize=True).max()
+    assert acc > majority + 0.2  # training cells: far better than the majority class
+    m = pbmc_model.metrics
+    assert m["epochs_run"] >= 1 and 1 <= m["best_epoch"] <= m["epochs_run"]
+    assert sum(m["class_counts"].values()) == a.n_obs
+    assert pbmc_model.settings["label_key"] == "cell_type"
+    assert pbmc_model.config.hidden == (32, 16)
+
+
+def test_label_summary(pbmc_annotated):
+    s = label_summary(pbmc_annotated)
+    assert s["cells"].sum() == pbmc_annotated.n_obs
+    assert ((s["mean_confidence"] > 0) & (s["mean_confidence"] <= 1)).all()
+
+
+def test_min_confidence_gives_unassigned(pbmc, pbmc_model, pbmc_annotated):
+    conf = pbmc_annotated.obs[f"{KEY}_confidence"].to_numpy()
+    thr = float(np.median(conf))
+    scsnn.tl.annotate(pbmc, pbmc_model, min_confidence=thr, device="cpu")
+    pred = pbmc.obs[KEY].astype(str).to_numpy()
+    low = pbmc.obs[f"{KEY}_confidence"].to_numpy() < thr
+    assert 0 < low.sum() < pbmc.n_obs
+    assert np.all(pred[low] == UNASSIGNED)
+    assert np.all(pred[~low] == pbmc_annotated.obs[KEY].astype(str).to_numpy()[~low])
+    # confidences are those before the cut
+    np.testing.assert_array_equal(pbmc.obs[f"{KEY}_confidence"].to_numpy(), conf)
+    assert pbmc.uns[KEY]["params"]["min_confidence"] == pytest.approx(thr)
+    with pytest.raises(InputError, match="min_confidence"):
+        scsnn.tl.annotate(pbmc, pbmc_model, min_confidence=1.5, device="cpu")
+
+
+def test_copy_leaves_input_untouched(pbmc, pbmc_model):
+    before_obs = pbmc.obs.copy()
+    before_X = pbmc.X.copy()
+    uns_keys, obsm_keys = set(pbmc.uns), set(pbmc.obsm)
+    out = scsnn.tl.annotate(pbmc, pbmc_model, copy=True, device="cpu")
+    assert out is not pbmc and KEY in out.obs and KEY in out.uns
+    pd.testing.assert_frame_equal(pbmc.obs, before_obs)
+    assert (pbmc.X != before_X).nnz == 0
+    assert set(pbmc.uns) == uns_keys and set(pbmc.obsm) == obsm_keys
+    # in place: returns None and writes into the object
+    assert scsnn.tl.annotate(pbmc, pbmc_model, key_added="pred", device="cpu") is None
+    assert "pred" in pbmc.obs and "pred_probabilities" in pbmc.obsm and "pred" in pbmc.uns
+    assert list(pbmc.obs["pred"]) == list(out.obs[KEY])
+
+
+def test_annotated_h5ad_round_trip_and_scanpy(pbmc_annotated, tmp_path):
+    p = tmp_path / "annotated.h5ad"
+    scsnn.write_h5ad_atomic(pbmc_annotated, p)
+    b = ad.read_h5ad(p)
+    assert list(b.obs[KEY].cat.categories) == list(pbmc_annotated.obs[KEY].cat.categories)
+    assert list(b.obs[KEY]) == list(pbmc_annotated.obs[KEY])
+    pd.testing.assert_frame_equal(
+        pd.DataFrame(b.obsm[f"{KEY}_probabilities"]),
+        pbmc_annotated.obsm[f"{KEY}_probabilities"], check_dtype=False,
+    )
+    assert b.uns[KEY]["model"] == pbmc_annotated.uns[KEY]["model"]
+    assert b.uns[KEY]["gene_overlap"]["n_present"] == pbmc_annotated.uns[KEY]["gene_overlap"][
+        "n_present"]
+    # scanpy reads the slots as ordinary obs data
+    df = sc.get.obs_df(b, keys=[KEY, f"{KEY}_confidence", "cell_type"])
+    g = df.groupby(KEY, observed=True)[f"{KEY}_confidence"].mean()
+    assert ((g > 0) & (g <= 1)).all() and len(g) >= 2
+    ct = pd.crosstab(df["cell_type"], df[KEY])
+    assert ct.to_numpy().sum() == b.n_obs
+    sub = b[b.obs[KEY] == g.index[0]]
+    assert sub.n_obs == (df[KEY] == g.index[0]).sum()
+
+
+def test_counts_and_lognorm_input_agree(pbmc, pbmc_model):
+    if scsnn.io.get_expression(pbmc).kind != "counts":
+        pytest.skip("needs the shared pbmc68k_reduced file (counts in X)")
+    tmp = ad.AnnData(X=pbmc.X.copy())
+    sc.pp.normalize_total(tmp, target_sum=1e4)
+    sc.pp.log1p(tmp)
+    pbmc.layers["mylog"] = sp.csr_matrix(tmp.X)
+    a = scsnn.tl.annotate(pbmc, pbmc_model, copy=True, device="cpu")
+    b = scsnn.tl.annotate(pbmc, pbmc_model, copy=True, layer="mylog", device="cpu")
+    assert a.uns[KEY]["params"]["input_kind"] == "counts"
+    assert b.uns[KEY]["params"]["input_kind"] == "lognorm"
+    assert b.uns[KEY]["params"]["layer"] == "mylog"
+    np.testing.assert_allclose(a.obsm[f"{KEY}_probabilities"].to_numpy(),
+                               b.obsm[f"{KEY}_probabilities"].to_numpy(), atol=1e-4)
+
+
+def test_annotate_from_saved_model_path(pbmc, pbmc_model_dir, pbmc_annotated):
+    out = scsnn.tl.annotate(pbmc, str(pbmc_model_dir), copy=True, device="cpu")
+    np.testing.assert_array_equal(out.obsm[f"{KEY}_probabilities"].to_numpy(),
+                                  pbmc_annotated.obsm[f"{KEY}_probabilities"].to_numpy())
+
+
+def test_gene_symbols_and_reordered_query(pbmc, pbmc_model, pbmc_annotated):
+    rng = np.random.default_rng(0)
+    order = rng.permutation(pbmc.n_vars)
+    q = pbmc[:, order].copy()
+    q.var["symbol"] = q.var_names.astype(str)
+    q.var_names = [f"ENSG{i:05d}" for i in range(q.n_vars)]
+    with pytest.raises(InputError, match="holds 0 of the model"):
+        scsnn.tl.annotate(q, pbmc_model, device="cpu")
+    scsnn.tl.annotate(q, pbmc_model, gene_symbols="symbol", device="cpu")
+    np.testing.assert_allclose(q.obsm[f"{KEY}_probabilities"].to_numpy(),
+                               pbmc_annotated.obsm[f"{KEY}_probabilities"].to_numpy(), atol=1e-5)
+
+
+# -- determinism ----------------------------------------------------------------------------
+def test_same_seed_same_model_and_probabilities(_pbmc_session, pbmc_model, pbmc_annotated):
+    again = scsnn.tl.train(_pbmc_session, "cell_type", seed=0, **SMALL)
+    assert again.model_id == pbmc_model.model_id
+    assert again.gene_space.genes == pbmc_model.gene_space.genes
+    out = scsnn.tl.annotate(_pbmc_session, again, copy=True, device="cpu")
+    np.testing.assert_array_equal(out.obsm[f"{KEY}_probabilities"].to_numpy(),
+                                  pbmc_annotated.obsm[f"{KEY}_probabilities"].to_numpy())
+
+
+def test_other_seed_other_model(synth):
+    kw = dict(SMALL, epochs=2)
+    a = scsnn.tl.train(synth, "cell_type", seed=0, **kw)
+    b = scsnn.tl.train(synth, "cell_type", seed=1, **kw)
+    assert a.model_id != b.model_id
+
+
+# -- refusals and small classes -------------------------------------------------------------
+def test_too_small_gene_overlap_refused(pbmc, pbmc_model):
+    genes = set(pbmc_model.genes)
+    n_model = len(genes)
+    keep = [g for g in pbmc.var_names if g not in genes]
+    keep += [g for g in pbmc.var_names if g in genes][: n_model // 5]  # 20% of model genes
+    q = pbmc[:, keep].copy()
+    X_before = q.X.copy()
+    with pytest.raises(InputError) as ei:
+        scsnn.tl.annotate(q, pbmc_model, device="cpu")
+    msg = str(ei.value)
+    assert_one_line(msg)
+    assert f"holds {n_model // 5} of the model's {n_model} genes" in msg
+    assert KEY not in q.obs and (q.X != X_before).nnz == 0
+    # a lower bar lets it through, with the absent genes neutral
+    scsnn.tl.annotate(q, pbmc_model, min_gene_overlap=0.1, device="cpu")
+    frac = q.uns[KEY]["gene_overlap"]["fraction"]
+    assert frac == pytest.approx((n_model // 5) / n_model)
+
+
+def test_partial_overlap_warns(pbmc, pbmc_model, caplog):
+    drop = set(pbmc_model.genes[:40])  # under 90% of the model genes left
+    q = pbmc[:, [g for g in pbmc.var_names if g not in drop]].copy()
+    with caplog.at_level(logging.WARNING, logger="scsnn"):
+        scsnn.tl.annotate(q, pbmc_model, device="cpu")
+    assert "absent genes are set to the reference mean" in caplog.text
+    assert q.uns[KEY]["gene_overlap"]["n_present"] == pbmc_model.gene_space.n_genes - 40
+
+
+def _with_tiny_classes(adata):
+    a = adata.copy()
+    labels = np.array(a.obs["cell_type"].astype(str), dtype=object)
+    labels[:2] = "Tiny pair"
+    labels[2] = "Singleton"
+    a.obs["cell_type"] = pd.Categorical(labels)
+    return a
+
+
+def test_one_or_two_cell_classes_train_with_warning(synth, caplog):
+    a = _with_tiny_classes(synth)
+    with caplog.at_level(logging.WARNING, logger="scsnn"):
+        m = scsnn.tl.train(a, "cell_type", **dict(SMALL, epochs=2))
+    assert "Singleton (1)" in caplog.text and "Tiny pair (2)" in caplog.text
+    assert "too small to split" in caplog.text
+    assert "Singleton" in m.classes and "Tiny pair" in m.classes
+    assert set(m.metrics["unsplit_classes"]) == {"Singleton", "Tiny pair"}
+    out = scsnn.tl.annotate(a, m, copy=True, device="cpu")
+    assert out.obsm[f"{KEY}_probabilities"].shape[1] == len(m.classes)
+
+
+def test_min_cells_per_class_drops_with_message(synth, caplog):
+    a = _with_tiny_classes(synth)
+    with caplog.at_level(logging.WARNING, logger="scsnn"):
+        m = scsnn.tl.train(a, "cell_type", min_cells_per_class=3, **dict(SMALL, epochs=2))
+    assert "dropping classes with fewer than 3 cells" in caplog.text
+    assert "Singleton (1)" in caplog.text and "Tiny pair (2)" in caplog.text
+    assert "Singleton" not in m.classes and "Tiny pair" not in m.classes
+    assert len(m.classes) == 4
+    assert sum(m.metrics["class_counts"].values()) == a.n_obs - 3
+    assert m.metrics["n_train"] + m.metrics["n_val"] == a.n_obs - 3
+
+
+def test_unlabelled_cells_left_out(synth, caplog):
+    a = synth.copy()
+    labels = np.array(a.obs["cell_type"], dtype=object)
+    labels[:25] = None
+    a.obs["cell_type"] = pd.Categorical(labels)
+    with caplog.at_level(logging.WARNING, logger="scsnn"):
+        m = scsnn.tl.train(a, "cell_type", **dict(SMALL, epochs=1))
+    assert "25 cells without a label" in caplog.text
+    assert m.metrics["n_train"] + m.metrics["n_val"] == a.n_obs - 25
+
+
+def test_missing_label_key(synth):
+    with pytest.raises(InputError, match="label key 'celltype' not in obs") as ei:
+        scsnn.tl.train(synth, "celltype", **SMALL)
+    assert_one_line(str(ei.value))
+
+
+def test_single_class_refused(synth):
+    synth.obs["one"] = "A"
+    with pytest.raises(InputError, match="at least 2 classes"):
+        scsnn.tl.train(synth, "one", **SMALL)
+
+
+@pytest.mark.parametrize("kw,match", [({"neuron": "izh"}, "unknown neuron"),
+                                      ({"encoder": "morse"}, "unknown encoder")])
+def test_unknown_neuron_or_encoder(synth, kw, match):
+    with pytest.raises(InputError, match=match):
+        scsnn.tl.train(synth, "cell_type", **{**SMALL, **kw})
+
+
+@pytest.mark.parametrize("neuron,encoder", [("lif", "rate"), ("plif", "latency"),
+                                            ("ann", "direct")])
+def test_other_neurons_and_encoders_end_to_end(synth, neuron, encoder, tmp_path):
+    m = scsnn.tl.train(synth, "cell_type", neuron=neuron, encoder=encoder, timesteps=3,
+                       **dict(SMALL, epochs=3))
+    assert m.config.neuron == neuron and m.config.encoder == encoder
+    m.save(tmp_path / "m")
+    a = scsnn.tl.annotate(synth, m, copy=True, device="cpu")
+    b = scsnn.tl.annotate(synth, tmp_path / "m", copy=True, device="cpu")
+    np.testing.assert_array_equal(a.obsm[f"{KEY}_probabilities"].to_numpy(),
+                                  b.obsm[f"{KEY}_probabilities"].to_numpy())
+    assert a.uns[KEY]["params"]["neuron"] == neuron
+    assert a.uns[KEY]["params"]["timesteps"] == 3
+
+
+# -- end to end on real reference/query pairs ---------------------------------------------
+def test_end_to_end_cross_platform_cell_lines():
+    ref = scsnn.read_h5ad(shared_file("celllines3_celseq2.h5ad"))
+    query = scsnn.read_h5ad(shared_file("celllines3_dropseq.h5ad"))
+    m = scsnn.tl.train(ref, "cell_type", genes=list(query.var_names), epochs=10,
+                       hidden=(64, 32), n_hvg=500, device="cpu", progress=False)
+    assert set(m.genes) <= set(query.var_names)
+    scsnn.tl.annotate(query, m, device="cpu")
+    rep = scsnn.evaluate(query, "cell_type")
+    assert rep["accuracy"] > 0.85 and rep["macro_f1"] > 0.85
+
+
+def test_end_to_end_pbmc_donor_split():
+    b = scsnn.read_h5ad(shared_file("pbmc_3batch.h5ad"))
+    ref = b[b.obs["donor"] != "3pv1"].copy()
+    query = b[b.obs["donor"] == "3pv1"].copy()
+    m = scsnn.tl.train(ref, "cell_type", epochs=15, hidden=(64, 32), n_hvg=500, device="cpu",
+                       progress=False)
+    scsnn.tl.annotate(query, m, device="cpu")
+    rep = scsnn.evaluate(query, "cell_type")
+    assert rep["accuracy"] > 0.8
+    assert set(rep["rare_classes"]) >= {"HSC", "MK"}
+
+
+# -- GPU --------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@cuda_only
+def test_annotation_on_cuda_matches_cpu(pbmc, pbmc_model, pbmc_annotated):
+    out = scsnn.tl.annotate(pbmc, pbmc_model, copy=True, device="cuda")
+    agree = (out.obs[KEY] == pbmc_annotated.obs[KEY]).mean()
+    assert agree >= 0.99
+    np.testing.assert_allclose(out.obsm[f"{KEY}_probabilities"].to_numpy(),
+                               pbmc_annotated.obsm[f"{KEY}_probabilities"].to_numpy(), atol=1e-3)
+    assert next(pbmc_model.network.parameters()).device.type == "cpu"  # moved back
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_training_on_cuda(_pbmc_session, pbmc_model):
+    m = scsnn.tl.train(_pbmc_session, "cell_type", seed=0, **{**SMALL, "device": "cuda"})
+    assert m.classes == pbmc_model.classes
+    assert m.gene_space.genes == pbmc_model.gene_space.genes
+    assert m.settings["device"].startswith("cuda")
+    assert next(m.network.parameters()).device.type == "cpu"
+    cpu = scsnn.tl.annotate(_pbmc_session, m, copy=True, device="cpu")
+    gpu = scsnn.tl.annotate(_pbmc_session, m, copy=True, device="cuda")
+    assert (cpu.obs[KEY] == gpu.obs[KEY]).mean() >= 0.99
+    acc = (gpu.obs[KEY].astype(str) == _pbmc_session.obs["cell_type"].astype(str)).mean()
+    majority = _pbmc_session.obs["cell_type"].value_counts(normalize=True).max()
+    assert acc > majority + 0.2
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_rate_encoder_same_spikes_on_cuda():
+    import torch
+
+    from scsnn.encoding import make_encoder
+
+    x = torch.randn(6, 30, generator=torch.Generator().manual_seed(0))
+    enc = make_encoder("rate", 5)
+    a = enc(x, torch.Generator().manual_seed(7))
+    b = enc(x.cuda(), torch.Generator().manual_seed(7))
+    assert b.device.type == "cuda" and torch.equal(a, b.cpu())
+
+
+def test_numpy_integer_seed(synth):
+    m = scsnn.tl.train(synth, "cell_type", seed=np.int64(1), **dict(SMALL, epochs=1))
+    assert m.settings["seed"] == 1
+
+
+def test_numpy_integer_settings_save(synth, tmp_path):
+    kw = dict(SMALL, epochs=np.int64(1), n_hvg=np.int64(50))
+    m = scsnn.tl.train(synth, "cell_type", **kw)
+    m.save(tmp_path / "m")
+    assert scsnn.load_model(tmp_path / "m").settings["n_hvg"] == 50
