@@ -158,6 +158,12 @@ def train(
     class_balance: Annotated[float, typer.Option(min=0.0, max=1.0,
                              help="Sampling weight exponent: 0 as in data, 1 balanced.")] = 0.5,
     bilevel: Annotated[bool, typer.Option(help="Neuron parameters on the validation split.")] = True,
+    autapse: Annotated[bool, typer.Option(help="HIFI self-inhibiting autapse.")] = True,
+    smoothness: Annotated[float, typer.Option(min=0.0,
+                          help="Weight of the Laplacian smoothness term on neuron parameters.")]
+    = 1e-2,
+    online: Annotated[bool, typer.Option(
+        help="Online gradients (state detached between steps) instead of full BPTT.")] = False,
     min_cells_per_class: Annotated[int, typer.Option(min=1,
                                    help="Drop classes with fewer labelled cells.")] = 1,
     layer: LayerOpt = None,
@@ -175,7 +181,8 @@ def train(
         adata, label_key, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, seed=seed,
         encoder=encoder.value, timesteps=timesteps, epochs=epochs, neuron=neuron.value,
         hidden=sizes, n_hvg=n_hvg, n_markers=n_markers, class_balance=class_balance,
-        bilevel=bilevel, min_cells_per_class=min_cells_per_class, device=device.value,
+        bilevel=bilevel, autapse=autapse, smoothness=smoothness, online=online,
+        min_cells_per_class=min_cells_per_class, device=device.value,
     )
     model.settings["reference"] = str(reference)
     model.save(out)
@@ -201,6 +208,9 @@ def annotate(
                               help="Below this, cells are 'Unassigned'.")] = 0.0,
     min_gene_overlap: Annotated[float, typer.Option(min=0.0, max=1.0,
                                 help="Refuse queries with fewer of the model's genes.")] = 0.5,
+    early_exit: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="Decide a cell at the first step whose confidence reaches "
+        "this value.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Cells per mini-batch.")] = 1024,
     layer: LayerOpt = None,
     use_raw: RawOpt = False,
@@ -220,7 +230,7 @@ def annotate(
     tl.annotate(
         adata, m, key_added=key_added, min_confidence=min_confidence, layer=layer,
         use_raw=use_raw, gene_symbols=gene_symbols, min_gene_overlap=min_gene_overlap,
-        batch_size=batch_size, device=device.value,
+        early_exit=early_exit, batch_size=batch_size, device=device.value,
     )
     dest = output or query
     write_h5ad_atomic(adata, dest)
@@ -252,6 +262,74 @@ def evaluate(
                          restrict_to_model_classes=restrict_to_model_classes, out=out)
     typer.echo(format_table(report))
     typer.echo(f"report written to {out}/report.json")
+
+
+@app.command()
+@_guarded
+def benchmark(
+    reference: Annotated[Path, typer.Argument(help="Labelled .h5ad (reference, or the file "
+                                                   "to cross-validate on).")],
+    label_key: Annotated[str, typer.Option("--label-key", "-l", help="obs column with labels.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for benchmark.md/.json.")],
+    query: Annotated[Path | None, typer.Option("--query", "-q",
+                     help="Labelled query .h5ad; without it, k-fold cross-validation.")] = None,
+    query_label_key: Annotated[str | None, typer.Option(
+        help="obs column with the query's labels (default: --label-key).")] = None,
+    folds: Annotated[int, typer.Option(min=2, help="Folds of the cross-validation.")] = 5,
+    methods: Annotated[str, typer.Option(
+        help="Comma-separated: hifi, lif, plif, ann, logreg, celltypist, hifi-no-autapse, "
+        "hifi-joint, hifi-no-smoothness, hifi-online.")] = "hifi,lif,plif,ann,logreg,celltypist",
+    shared_labels: Annotated[bool, typer.Option(
+        help="Reference/query: keep only the labels both hold.")] = True,
+    seed: Annotated[int, typer.Option(help="Random seed (splits and training).")] = 0,
+    encoder: Annotated[Encoder, typer.Option(help="Input encoding of the scsnn networks.")]
+    = Encoder.direct,
+    timesteps: Annotated[int, typer.Option("--timesteps", "-T", min=1, max=64)] = 4,
+    epochs: Annotated[int, typer.Option(min=1, help="Maximum training epochs.")] = 40,
+    rare_threshold: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.03,
+    device: DeviceOpt = Device.auto,
+) -> None:
+    """Compare HIFI with LIF, PLIF, the ANN twin, logistic regression and CellTypist."""
+    import json
+
+    from . import benchmark as bm
+    from .errors import InputError
+    from .io import read_h5ad
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    ref = read_h5ad(reference)
+    if label_key not in ref.obs:
+        raise InputError(f"label key '{label_key}' not in obs of {reference}")
+    ref = ref[ref.obs[label_key].notna().to_numpy()].copy()
+    if query is None:
+        splits = list(bm.cv_splits(ref, label_key, folds, seed))
+        what = f"{len(splits)}-fold cross-validation on {reference.name}"
+    else:
+        q = read_h5ad(query)
+        qkey = query_label_key or label_key
+        if qkey not in q.obs:
+            raise InputError(f"label key '{qkey}' not in obs of {query}")
+        q = q[q.obs[qkey].notna().to_numpy()].copy()
+        q.obs[label_key] = q.obs[qkey].astype(str)
+        if shared_labels:
+            both = set(ref.obs[label_key].astype(str)) & set(q.obs[label_key])
+            if not both:
+                raise InputError("reference and query share no label")
+            ref = ref[ref.obs[label_key].astype(str).isin(both).to_numpy()].copy()
+            q = q[q.obs[label_key].isin(both).to_numpy()].copy()
+        splits = [bm.pair_split(ref, q, label_key)]
+        what = f"{reference.name} -> {query.name}"
+    kw = {"encoder": encoder.value, "timesteps": timesteps, "epochs": epochs,
+          "device": device.value}
+    result = bm.run(splits, label_key, methods=chosen, seed=seed,
+                    rare_threshold=rare_threshold, train_kwargs=kw)
+    result.update(what=what, settings=kw | {"seed": seed, "methods": chosen})
+    table = bm.markdown(result, what)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.md").write_text(table + "\n")
+    (out / "benchmark.json").write_text(json.dumps(result, indent=1, default=str))
+    typer.echo(table)
+    typer.echo(f"written to {out}/benchmark.md and benchmark.json")
 
 
 @app.command()

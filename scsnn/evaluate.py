@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,18 @@ def evaluate(
     )
     report["truth_key"] = truth_key
     report["key_added"] = key_added
+    info = adata.uns.get(key_added, {})
+    if "energy" in info:
+        report["energy"] = {k: _plain(v) for k, v in info["energy"].items()}
+    steps_key = f"{key_added}_step_labels"
+    if steps_key in adata.obsm and model_classes is not None:
+        dec_key = f"{key_added}_decision_step"
+        report["latency"] = latency_report(
+            truth[mask].astype(str),
+            np.asarray(adata.obsm[steps_key])[mask],
+            model_classes,
+            decision_steps=adata.obs[dec_key].to_numpy()[mask] if dec_key in adata.obs else None,
+        )
     report["n_cells_skipped"] = int((~mask).sum())
     if key_added in adata.uns:
         report["model"] = str(adata.uns[key_added].get("model", ""))
@@ -134,11 +147,23 @@ def evaluate(
     return report
 
 
+def _plain(v: Any) -> Any:
+    """numpy values from .h5ad as plain JSON-able Python values."""
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
 def _uns_safe(report: dict[str, Any]) -> dict[str, Any]:
     """The report in a form that AnnData writes to .h5ad (no None, no list of dicts)."""
     pc = pd.DataFrame(report["per_class"]).drop(columns=["in_model"])
     safe = {k: v for k, v in report.items()
-            if k not in ("per_class", "confusion") and v is not None}
+            if k not in ("per_class", "confusion", "energy", "latency") and v is not None}
+    for k in ("energy", "latency"):
+        if k in report:
+            safe[k] = {kk: vv for kk, vv in report[k].items() if vv is not None}
     safe["rare_classes"] = np.asarray(report["rare_classes"], dtype=object)
     safe["per_class"] = {c: pc[c].to_numpy() for c in pc.columns}
     safe["confusion_labels"] = np.asarray(report["confusion"]["labels"], dtype=object)
@@ -184,3 +209,85 @@ def format_table(report: dict[str, Any]) -> str:
             + f"; mean recall {report['rare_mean_recall']:.3f}"
         )
     return "\n".join(lines)
+
+
+# -- energy and latency ------------------------------------------------------------------------
+
+#: Energy per operation in 45 nm CMOS (pJ): a multiply-accumulate and an accumulate.
+E_MAC_PJ = 4.6
+E_AC_PJ = 0.9
+
+
+def energy_estimate(
+    layer_sizes: Sequence[int],
+    *,
+    timesteps: int,
+    analog_input: bool,
+    spiking: bool,
+    n_cells: int,
+    input_events: float = 0.0,
+    layer_spikes: Sequence[float] = (),
+) -> dict[str, Any]:
+    """Energy per cell of the network and of its ANN twin, from counted spikes.
+
+    ``layer_sizes`` = [genes, hidden..., classes]. The ANN does one MAC per synapse. The SNN
+    does, per cell: the first layer's MACs once when its input is analog and constant over the
+    steps (direct encoding), else one AC per input spike and fan-out; then one AC per hidden
+    spike and fan-out (the next layer's width). Batch norm is folded into the linear layers
+    and neuron updates are not counted, as in the convention of the HIFI paper.
+    """
+    sizes = [int(s) for s in layer_sizes]
+    ann_macs = float(sum(a * b for a, b in zip(sizes[:-1], sizes[1:])))
+    ann_pj = E_MAC_PJ * ann_macs
+    if not spiking:
+        return {"ratio_ann_over_snn": 1.0, "snn_pj_per_cell": ann_pj, "ann_pj_per_cell": ann_pj,
+                "spike_rate_per_layer": [], "macs_per_cell": ann_macs, "sops_per_cell": 0.0}
+    n = max(int(n_cells), 1)
+    macs = float(sizes[0] * sizes[1]) if analog_input else 0.0
+    sops = 0.0 if analog_input else input_events / n * sizes[1]
+    rates = []
+    for i, spikes in enumerate(layer_spikes):
+        per_cell = spikes / n
+        sops += per_cell * sizes[i + 2]
+        rates.append(per_cell / (sizes[i + 1] * timesteps))
+    snn_pj = E_MAC_PJ * macs + E_AC_PJ * sops
+    return {
+        "ratio_ann_over_snn": ann_pj / snn_pj if snn_pj > 0 else float("inf"),
+        "snn_pj_per_cell": snn_pj,
+        "ann_pj_per_cell": ann_pj,
+        "spike_rate_per_layer": rates,
+        "macs_per_cell": macs,
+        "sops_per_cell": sops,
+        "input_spike_rate": (input_events / n / (sizes[0] * timesteps)) if not analog_input
+        else None,
+    }
+
+
+def latency_report(
+    truth: ArrayLike,
+    step_labels: np.ndarray,
+    classes: Sequence[str],
+    *,
+    decision_steps: np.ndarray | None = None,
+    fraction: float = 0.99,
+) -> dict[str, Any]:
+    """Macro-F1 and accuracy when deciding after step t = 1..T, and the fewest steps that
+    reach ``fraction`` of the final macro-F1; the mean steps per cell under early exit."""
+    t = np.asarray(pd.Series(truth).astype(str))
+    names = np.asarray(classes, dtype=object)
+    labels = sorted(np.unique(t).tolist())
+    f1_by_step, acc_by_step = [], []
+    for k in range(step_labels.shape[1]):
+        p = names[step_labels[:, k]].astype(str)
+        _, _, f1, _ = precision_recall_fscore_support(t, p, labels=labels, zero_division=0)
+        f1_by_step.append(float(np.mean(f1)))
+        acc_by_step.append(float(np.mean(p == t)))
+    final = f1_by_step[-1]
+    reach = [k + 1 for k, f in enumerate(f1_by_step) if f >= fraction * final - 1e-12]
+    return {
+        "macro_f1_by_step": f1_by_step,
+        "accuracy_by_step": acc_by_step,
+        "steps_to_99pct": reach[0] if reach else len(f1_by_step),
+        "mean_steps_early_exit": None if decision_steps is None
+        else float(np.mean(decision_steps)),
+    }

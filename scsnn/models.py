@@ -90,9 +90,8 @@ class SpikingClassifier(nn.Module):
         )
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(sizes[-1], cfg.n_classes)
-        #: spikes emitted per hidden layer in the last forward pass (when counting is on)
-        self.count_spikes = False
-        self.spike_counts: list[float] = []
+        #: when set, every forward pass adds its cells and spikes to it
+        self.counter: SpikeCounter | None = None
 
     def _layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Linear + batch norm over a ``[T, N, F]`` sequence."""
@@ -104,20 +103,25 @@ class SpikingClassifier(nn.Module):
         """Readout after each step t: the mean of the output layer's drive over steps 1..t."""
         T = self.cfg.timesteps
         x = self.input_dropout(x)
+        input_events = 0.0
         if self.encoder.constant:
             # same analog input at every step: compute the first layer once per cell
             y = self.norms[0](self.fcs[0](x))
             seq = y.unsqueeze(0).expand(T, *y.shape)
         else:
-            seq = self._layer(0, self.encoder(x, generator))
-        counts = []
+            spikes_in = self.encoder(x, generator)
+            if self.counter is not None:
+                input_events = float(spikes_in.detach().sum())
+            seq = self._layer(0, spikes_in)
+        layer_spikes = []
         s = self.spiking[0](seq)
-        counts.append(s)
+        layer_spikes.append(s)
         for i in range(1, len(self.fcs)):
             s = self.spiking[i](self._layer(i, self.dropout(s)))
-            counts.append(s)
-        if self.count_spikes:
-            self.spike_counts = [float(c.detach().sum()) for c in counts]
+            layer_spikes.append(s)
+        if self.counter is not None:
+            self.counter.add(x.shape[0], input_events,
+                             [float(z.detach().sum()) for z in layer_spikes])
         out = self.head(self.dropout(s))  # [T, N, C]
         steps = torch.arange(1, T + 1, device=out.device, dtype=out.dtype).view(T, 1, 1)
         return out.cumsum(0) / steps
@@ -203,8 +207,37 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+@dataclass
+class SpikeCounter:
+    """Cells seen and spikes counted during inference, summed over cells and steps."""
+
+    n_cells: int = 0
+    #: binary input events into the first layer (spike encoders; 0 for analog input)
+    input_events: float = 0.0
+    #: spikes emitted by each hidden layer
+    layer_spikes: list[float] = field(default_factory=list)
+
+    def add(self, n_cells: int, input_events: float, layer_spikes: list[float]) -> None:
+        self.n_cells += int(n_cells)
+        self.input_events += input_events
+        if not self.layer_spikes:
+            self.layer_spikes = [0.0] * len(layer_spikes)
+        self.layer_spikes = [a + b for a, b in zip(self.layer_spikes, layer_spikes)]
+
+
+@dataclass
+class Predictions:
+    """What a network says about a set of cells."""
+
+    logits: np.ndarray  # [N, C], the readout at the decision step (the last one by default)
+    step_labels: np.ndarray  # [N, T], the class index of the readout after each step
+    step_confidence: np.ndarray  # [N, T], its top softmax probability
+    decision_step: np.ndarray  # [N], 1-based step whose readout was taken
+    counter: SpikeCounter | None = None
+
+
 @torch.no_grad()
-def predict_logits(
+def predict(
     network: nn.Module,
     X: sp.csr_matrix,
     gene_space: GeneSpace,
@@ -213,23 +246,47 @@ def predict_logits(
     batch_size: int = 1024,
     device: torch.device | str = "cpu",
     seed: int = 0,
-    steps: bool = False,
-) -> np.ndarray:
-    """Class scores for projected cells, mini-batch by mini-batch (only a batch is dense).
+    count_spikes: bool = False,
+    early_exit: float | None = None,
+) -> Predictions:
+    """Run the network over projected cells, mini-batch by mini-batch (only a batch is dense).
 
-    ``steps=True`` returns the per-step readout ``[T, N, C]`` instead of ``[N, C]``.
+    With ``count_spikes`` the spikes of every layer are counted (for energy accounting).
+    With ``early_exit`` a cell's decision is the readout at the first step whose top
+    probability reaches that value (the last step when none does).
+    Spike encoders draw from a generator seeded with ``seed``, so predictions reproduce.
     """
     device = torch.device(device)
     network.eval()
     gen = torch.Generator().manual_seed(seed)
-    out = []
-    for start in range(0, X.shape[0], batch_size):
-        xb = torch.from_numpy(gene_space.scale(X[start : start + batch_size], present)).to(device)
+    counter = SpikeCounter() if count_spikes and hasattr(network, "counter") else None
+    if counter is not None:
+        network.counter = counter
+    logits, labels, conf, steps = [], [], [], []
+    try:
+        for start in range(0, X.shape[0], batch_size):
+            xb = gene_space.scale(X[start : start + batch_size], present)
+            functional.reset_net(network)
+            y = network.forward_steps(torch.from_numpy(xb).to(device), gen).float()  # [T,N,C]
+            p = torch.softmax(y, dim=-1).max(dim=-1)
+            T = y.shape[0]
+            if early_exit is None:
+                step = torch.full((y.shape[1],), T - 1, device=y.device)
+            else:
+                reached = p.values >= early_exit  # [T, N]
+                first = torch.where(reached.any(0), reached.float().argmax(0),
+                                    torch.full_like(reached[0], T - 1, dtype=torch.long))
+                step = first
+            logits.append(y[step, torch.arange(y.shape[1], device=y.device)].cpu().numpy())
+            steps.append(step.cpu().numpy() + 1)
+            labels.append(p.indices.T.cpu().numpy().astype(np.int32))
+            conf.append(p.values.T.cpu().numpy())
+    finally:
         functional.reset_net(network)
-        y = network.forward_steps(xb, gen)
-        out.append((y if steps else y[-1]).float().cpu().numpy())
-    functional.reset_net(network)
-    return np.concatenate(out, axis=1 if steps else 0)
+        if counter is not None:
+            network.counter = None
+    return Predictions(np.concatenate(logits), np.concatenate(labels), np.concatenate(conf),
+                       np.concatenate(steps).astype(np.int32), counter)
 
 
 def _json_default(obj: Any) -> Any:

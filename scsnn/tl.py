@@ -12,12 +12,13 @@ import pandas as pd
 
 from ._version import __version__
 from .errors import InputError
+from .evaluate import energy_estimate
 from .io import get_expression, get_labels
 from .models import (
     NetworkConfig,
     ScsnnModel,
     build_network,
-    predict_logits,
+    predict,
     resolve_device,
     softmax,
     torch_threads_kept,
@@ -226,6 +227,7 @@ def annotate(
     use_raw: bool = False,
     gene_symbols: str | None = None,
     min_gene_overlap: float = 0.5,
+    early_exit: float | None = None,
     batch_size: int = 1024,
     device: str = "auto",
     copy: bool = False,
@@ -244,6 +246,9 @@ def annotate(
         Cells whose top probability is below this are labelled ``"Unassigned"``.
     min_gene_overlap
         Refuse a query holding less than this fraction of the model's genes.
+    early_exit
+        Decide each cell at the first step whose top probability reaches this value (the
+        class readout is accumulated step by step), instead of after all T steps.
     copy
         Return an annotated copy instead of writing into ``adata``.
 
@@ -258,8 +263,14 @@ def annotate(
         Probability of the predicted class (before the ``min_confidence`` cut).
     ``obsm[f"{key_added}_probabilities"]``
         DataFrame of class probabilities, one column per class in model order.
+    ``obsm[f"{key_added}_step_labels"]``
+        ``[cells, T]`` class index (into the model's classes) of the readout after each step.
+    ``obs[f"{key_added}_decision_step"]``
+        With ``early_exit``: the step at which each cell was decided.
     ``uns[key_added]``
-        ``{"params", "classes", "model", "gene_overlap", "version"}``.
+        ``{"params", "classes", "model", "gene_overlap", "version", "energy", "latency"}``;
+        ``energy`` holds the per-cell energy of this network and of its ANN twin computed
+        from the spikes counted here (see :func:`scsnn.evaluate.energy_estimate`).
     """
     m = _as_model(model, device)
     if not 0.0 <= min_confidence <= 1.0:
@@ -285,10 +296,10 @@ def annotate(
     dev = resolve_device(device)
     m.network.to(dev)
     seed = int(m.settings.get("seed", 0))
-    logits = predict_logits(m.network, Xq, m.gene_space, present, batch_size=batch_size,
-                            device=dev, seed=seed)
+    pred = predict(m.network, Xq, m.gene_space, present, batch_size=batch_size, device=dev,
+                   seed=seed, count_spikes=True, early_exit=early_exit)
     m.network.to("cpu")
-    proba = softmax(logits.astype(np.float64)).astype(np.float32)
+    proba = softmax(pred.logits.astype(np.float64)).astype(np.float32)
     top = proba.argmax(1)
     conf = proba[np.arange(len(top)), top]
     labels = np.asarray(m.classes, dtype=object)[top]
@@ -300,7 +311,27 @@ def annotate(
     adata.obsm[f"{key_added}_probabilities"] = pd.DataFrame(
         proba, index=adata.obs_names, columns=[str(c) for c in m.classes]
     )
+    cfg = m.config
+    c = pred.counter
+    energy = energy_estimate(
+        [cfg.n_genes, *cfg.hidden, cfg.n_classes],
+        timesteps=cfg.timesteps,
+        analog_input=m.network.encoder.analog if c is not None else True,
+        spiking=c is not None,
+        n_cells=c.n_cells if c is not None else adata.n_obs,
+        input_events=c.input_events if c is not None else 0.0,
+        layer_spikes=c.layer_spikes if c is not None else (),
+    )
+    adata.obsm[f"{key_added}_step_labels"] = pred.step_labels
+    if early_exit is not None:
+        adata.obs[f"{key_added}_decision_step"] = pred.decision_step
     adata.uns[key_added] = {
+        "energy": {k: v for k, v in energy.items() if v is not None},
+        "latency": {
+            "timesteps": int(pred.step_labels.shape[1]),
+            "early_exit": float(early_exit) if early_exit is not None else 0.0,
+            "mean_steps": float(pred.decision_step.mean()),
+        },
         "params": {
             "min_confidence": float(min_confidence),
             "layer": layer or "",

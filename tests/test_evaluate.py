@@ -166,3 +166,63 @@ def test_unassigned_predictions_do_not_warn():
         r = classification_report(TRUTH, PRED)
     assert r["balanced_accuracy"] == pytest.approx((2 / 3 + 0.5 + 1.0) / 3)
     assert not [w for w in rec if issubclass(w.category, UserWarning)]
+
+
+# -- energy and latency ----------------------------------------------------------------------
+def test_energy_estimate_exact_counts():
+    from scsnn.evaluate import E_AC_PJ, E_MAC_PJ, energy_estimate
+
+    sizes = [10, 4, 3, 2]  # genes, hidden 4, hidden 3, classes
+    ann_macs = 10 * 4 + 4 * 3 + 3 * 2
+    # two cells, T = 2: 6 input spikes, 5 spikes in layer 1, 2 in layer 2 (totals)
+    e = energy_estimate(sizes, timesteps=2, analog_input=False, spiking=True, n_cells=2,
+                        input_events=6, layer_spikes=[5, 2])
+    sops = (6 / 2) * 4 + (5 / 2) * 3 + (2 / 2) * 2
+    assert e["sops_per_cell"] == pytest.approx(sops)
+    assert e["macs_per_cell"] == 0
+    assert e["snn_pj_per_cell"] == pytest.approx(E_AC_PJ * sops)
+    assert e["ann_pj_per_cell"] == pytest.approx(E_MAC_PJ * ann_macs)
+    assert e["ratio_ann_over_snn"] == pytest.approx(E_MAC_PJ * ann_macs / (E_AC_PJ * sops))
+    assert e["spike_rate_per_layer"] == pytest.approx([5 / 2 / (4 * 2), 2 / 2 / (3 * 2)])
+    assert e["input_spike_rate"] == pytest.approx(6 / 2 / (10 * 2))
+    # analog input: the first layer costs its MACs once per cell, no input SOPs
+    d = energy_estimate(sizes, timesteps=2, analog_input=True, spiking=True, n_cells=2,
+                        layer_spikes=[5, 2])
+    assert d["macs_per_cell"] == 40
+    assert d["snn_pj_per_cell"] == pytest.approx(E_MAC_PJ * 40 + E_AC_PJ * (2.5 * 3 + 1 * 2))
+    ann = energy_estimate(sizes, timesteps=1, analog_input=True, spiking=False, n_cells=2)
+    assert ann["ratio_ann_over_snn"] == 1.0
+
+
+def test_latency_report_curve_and_steps():
+    from scsnn.evaluate import latency_report
+
+    classes = ["a", "b"]
+    truth = np.array(["a", "a", "b", "b"])
+    # step 1: all "a"; step 2: 3 right; step 3: all right
+    steps = np.array([[0, 0, 0], [0, 0, 0], [0, 1, 1], [0, 0, 1]])
+    r = latency_report(truth, steps, classes, decision_steps=np.array([1, 1, 2, 3]))
+    assert r["accuracy_by_step"] == pytest.approx([0.5, 0.75, 1.0])
+    assert r["macro_f1_by_step"][-1] == pytest.approx(1.0)
+    assert r["macro_f1_by_step"][0] == pytest.approx((2 / 3 + 0) / 2)
+    assert r["steps_to_99pct"] == 3
+    assert r["mean_steps_early_exit"] == pytest.approx(7 / 4)
+    flat = latency_report(truth, np.array([[0, 0], [0, 0], [1, 1], [1, 1]]), classes)
+    assert flat["steps_to_99pct"] == 1 and flat["mean_steps_early_exit"] is None
+
+
+def test_report_has_energy_and_latency(pbmc_annotated, tmp_path):
+    import json
+
+    a = pbmc_annotated.copy()
+    rep = scsnn.evaluate(a, "cell_type", out=tmp_path)
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    e = on_disk["energy"]
+    assert {"ratio_ann_over_snn", "snn_pj_per_cell", "ann_pj_per_cell",
+            "spike_rate_per_layer"} <= set(e)
+    assert e["ratio_ann_over_snn"] > 0 and all(0 <= r <= 1 for r in e["spike_rate_per_layer"])
+    lat = on_disk["latency"]
+    T = a.obsm["scsnn_step_labels"].shape[1]
+    assert len(lat["macro_f1_by_step"]) == T and 1 <= lat["steps_to_99pct"] <= T
+    assert lat["macro_f1_by_step"][-1] == pytest.approx(rep["macro_f1"], abs=1e-9)
+    a.write_h5ad(tmp_path / "a.h5ad")  # energy/latency in uns still write

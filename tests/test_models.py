@@ -24,7 +24,8 @@ from scsnn.models import (
     ScsnnModel,
     SpikingClassifier,
     build_network,
-    predict_logits,
+    SpikeCounter,
+    predict,
     resolve_device,
     softmax,
 )
@@ -56,12 +57,32 @@ def test_forward_shapes(neuron, encoder):
     assert torch.allclose(steps[-1], out, atol=1e-6)
 
 
-def test_spike_counts_and_neuron_parameters():
-    net = build_network(_cfg(neuron="hifi"), seed=0).eval()
-    net.count_spikes = True
+def test_spike_counter_counts_every_spike():
+    """The counter's totals equal the spikes the layers actually emitted."""
+    net = build_network(_cfg(neuron="hifi", encoder="rate"), seed=0).eval()
+    with torch.no_grad():  # low thresholds, so that every layer fires
+        for layer in net.hifi_layers():
+            layer.a_theta.fill_(-4.0)
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: seen.append(float(o.sum())))
+             for m in net.spiking]
+    inputs = []
+    h_in = net.fcs[0].register_forward_hook(lambda mod, i, o: inputs.append(float(i[0].sum())))
+    net.counter = SpikeCounter()
     functional.reset_net(net)
-    net(_x())
-    assert len(net.spike_counts) == 2 and all(c >= 0 for c in net.spike_counts)
+    x = _x()
+    with torch.no_grad():
+        net(x, torch.Generator().manual_seed(0))
+    for h in [*hooks, h_in]:
+        h.remove()
+    assert net.counter.n_cells == x.shape[0]
+    assert net.counter.layer_spikes == pytest.approx(seen)
+    assert net.counter.input_events == pytest.approx(inputs[0]) and inputs[0] > 0
+    assert all(v > 0 for v in seen)
+
+
+def test_neuron_parameters():
+    net = build_network(_cfg(neuron="hifi"), seed=0).eval()
     assert len(net.hifi_layers()) == 2
     assert len(net.neuron_parameters()) == 8  # 4 alpha vectors per HIFI layer
     lif = build_network(_cfg(neuron="lif"), seed=0)
@@ -137,14 +158,16 @@ def test_save_load_round_trip_identical_predictions(tiny_model, tmp_path):
     assert loaded.settings == {"seed": 3} and loaded.metrics == {"val_macro_f1": 0.5}
     assert not loaded.network.training
     X = _cells()
-    a = predict_logits(tiny_model.network, X, tiny_model.gene_space, seed=3)
-    b = predict_logits(loaded.network, X, loaded.gene_space, seed=3)
-    np.testing.assert_array_equal(a, b)
-    steps = predict_logits(loaded.network, X, loaded.gene_space, seed=3, steps=True)
-    assert steps.shape == (3, 30, 3)
-    np.testing.assert_allclose(steps[-1], b, atol=1e-5)
+    a = predict(tiny_model.network, X, tiny_model.gene_space, seed=3)
+    b = predict(loaded.network, X, loaded.gene_space, seed=3)
+    np.testing.assert_array_equal(a.logits, b.logits)
+    np.testing.assert_array_equal(a.step_labels, b.step_labels)
+    assert b.step_labels.shape == (30, 3) and b.step_confidence.shape == (30, 3)
+    np.testing.assert_array_equal(b.step_labels[:, -1], b.logits.argmax(1))
+    assert (b.decision_step == 3).all()
     # another seed draws other rate-coded spikes
-    assert not np.array_equal(predict_logits(loaded.network, X, loaded.gene_space, seed=4), b)
+    assert not np.array_equal(predict(loaded.network, X, loaded.gene_space, seed=4).logits,
+                              b.logits)
     assert "3 classes" in repr(loaded) and "20 genes" in repr(loaded)
 
 
@@ -164,17 +187,42 @@ def test_weights_are_safetensors_without_pickle(tiny_model, tmp_path):
     assert meta["scsnn_version"] == scsnn.__version__
 
 
-def test_predict_logits_batch_size_independent_for_direct_encoder(tiny_model):
+def test_predict_batch_size_independent_for_direct_encoder(tiny_model):
     cfg = _cfg(encoder="direct")
     net = build_network(cfg, seed=2).eval()
     X = _cells()
-    a = predict_logits(net, X, tiny_model.gene_space)
-    b = predict_logits(net, X, tiny_model.gene_space, batch_size=7)
+    a = predict(net, X, tiny_model.gene_space).logits
+    b = predict(net, X, tiny_model.gene_space, batch_size=7).logits
     np.testing.assert_allclose(a, b, atol=1e-5)
     present = np.ones(20, dtype=bool)
     present[:3] = False
-    c = predict_logits(net, X, tiny_model.gene_space, present)
+    c = predict(net, X, tiny_model.gene_space, present).logits
     assert not np.allclose(a, c)  # absent genes are zeroed before the network
+
+
+def test_predict_early_exit_takes_first_confident_step(tiny_model):
+    net = build_network(_cfg(encoder="direct"), seed=2).eval()
+    X = _cells()
+    full = predict(net, X, tiny_model.gene_space)
+    thr = float(np.median(full.step_confidence))
+    ee = predict(net, X, tiny_model.gene_space, early_exit=thr)
+    for i in range(X.shape[0]):
+        hit = np.flatnonzero(full.step_confidence[i] >= thr)
+        step = hit[0] + 1 if hit.size else full.step_labels.shape[1]
+        assert ee.decision_step[i] == step
+        assert ee.logits[i].argmax() == full.step_labels[i, step - 1]
+    assert ee.decision_step.mean() < full.decision_step.mean()
+
+
+def test_predict_counts_spikes_only_when_asked(tiny_model):
+    net = build_network(_cfg(encoder="rate"), seed=2).eval()
+    X = _cells()
+    assert predict(net, X, tiny_model.gene_space).counter is None
+    c = predict(net, X, tiny_model.gene_space, count_spikes=True, batch_size=8).counter
+    assert c.n_cells == X.shape[0] and len(c.layer_spikes) == 2 and c.input_events > 0
+    assert net.counter is None  # detached again after prediction
+    ann = build_network(_cfg(neuron="ann"), seed=2).eval()
+    assert predict(ann, X, tiny_model.gene_space, count_spikes=True).counter is None
 
 
 def test_save_refuses_file_and_overwrite(tiny_model, tmp_path):

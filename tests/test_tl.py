@@ -44,7 +44,16 @@ def test_annotate_writes_all_slots(pbmc_annotated, pbmc_model):
     np.testing.assert_allclose(conf, P.max(1), rtol=1e-6)
 
     uns = a.uns[KEY]
-    assert set(uns) == {"params", "classes", "model", "gene_overlap", "version"}
+    assert set(uns) == {"params", "classes", "model", "gene_overlap", "version", "energy",
+                        "latency"}
+    T = pbmc_model.config.timesteps
+    steps = a.obsm[f"{KEY}_step_labels"]
+    assert steps.shape == (a.n_obs, T)
+    np.testing.assert_array_equal(steps[:, -1], P.argmax(1))  # the last step is the decision
+    assert f"{KEY}_decision_step" not in a.obs  # only with early exit
+    assert uns["latency"]["timesteps"] == T and uns["latency"]["mean_steps"] == T
+    assert 0 < uns["energy"]["ratio_ann_over_snn"] < 10  # direct input: first-layer MACs stay
+    assert len(uns["energy"]["spike_rate_per_layer"]) == len(pbmc_model.config.hidden)
     assert list(uns["classes"]) == classes
     assert uns["model"] == pbmc_model.model_id and len(uns["model"]) == 64
     assert uns["version"] == scsnn.__version__
@@ -53,6 +62,23 @@ def test_annotate_writes_all_slots(pbmc_annotated, pbmc_model):
     assert uns["gene_overlap"]["fraction"] == 1.0
     assert uns["params"]["neuron"] == "hifi" and uns["params"]["encoder"] == "direct"
     assert uns["params"]["min_confidence"] == 0.0
+
+
+def test_early_exit_decides_earlier(pbmc_model, _pbmc_session):
+    a = _pbmc_session.copy()
+    full = scsnn.tl.annotate(a, pbmc_model, device="cpu", copy=True)
+    # a threshold that half the cells reach by the last step
+    thr = float(np.median(full.obs[f"{KEY}_confidence"]))
+    scsnn.tl.annotate(a, pbmc_model, device="cpu", early_exit=thr)
+    steps = a.obs[f"{KEY}_decision_step"].to_numpy()
+    T = pbmc_model.config.timesteps
+    assert steps.min() >= 1 and steps.max() <= T and steps.mean() < T
+    assert a.uns[KEY]["latency"]["mean_steps"] == pytest.approx(steps.mean())
+    # a cell decided at step t carries the label of the readout after step t
+    idx = np.asarray(a.obsm[f"{KEY}_step_labels"])[np.arange(a.n_obs), steps - 1]
+    assert list(a.obs[KEY].astype(str)) == [pbmc_model.classes[i] for i in idx]
+    rep = scsnn.evaluate(a, "cell_type")
+    assert rep["latency"]["mean_steps_early_exit"] == pytest.approx(steps.mean())
 
 
 def test_small_model_learns(pbmc_annotated, pbmc_model):
