@@ -90,7 +90,8 @@ def celltypist_status() -> str | None:
     ct_ver = getattr(celltypist, "__version__", "0")
     if _version(sklearn.__version__) >= (1, 7) and _version(ct_ver) <= (1, 7, 1):
         return (f"CellTypist {ct_ver} passes LogisticRegression(multi_class=...), which "
-                f"scikit-learn {sklearn.__version__} removed (install scikit-learn<1.7 to run it)")
+                f"scikit-learn {sklearn.__version__} removed; pip install 'scsnn[celltypist]' "
+                "(scikit-learn<1.7) to run it")
     return None
 
 
