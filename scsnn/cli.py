@@ -124,10 +124,10 @@ def _parse_hidden(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise typer.BadParameter("give layer widths as comma-separated integers, e.g. 256,64",
+        raise typer.BadParameter("give layer widths as comma-separated integers, e.g. 512,128",
                                   param_hint="--hidden") from None
     if not sizes or any(s < 1 for s in sizes):
-        raise typer.BadParameter("give at least one positive layer width, e.g. 256,64",
+        raise typer.BadParameter("give at least one positive layer width, e.g. 512,128",
                                   param_hint="--hidden")
     return sizes
 
@@ -152,7 +152,7 @@ def train(
                                            help="Time steps T.")] = 4,
     epochs: Annotated[int, typer.Option(min=1, help="Maximum training epochs.")] = 40,
     neuron: Annotated[Neuron, typer.Option(help="Neuron model.")] = Neuron.hifi,
-    hidden: Annotated[str, typer.Option(help="Hidden layer widths.")] = "256,64",
+    hidden: Annotated[str, typer.Option(help="Hidden layer widths.")] = "512,128",
     n_hvg: Annotated[int, typer.Option(min=1, help="Highly variable genes to keep.")] = 2000,
     n_markers: Annotated[int, typer.Option(min=0, help="Top marker genes kept per class.")] = 25,
     class_balance: Annotated[float, typer.Option(min=0.0, max=1.0,

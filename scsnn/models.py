@@ -46,7 +46,7 @@ class NetworkConfig:
 
     n_genes: int
     n_classes: int
-    hidden: tuple[int, ...] = (256, 64)
+    hidden: tuple[int, ...] = (512, 128)
     timesteps: int = 4
     encoder: str = "direct"
     neuron: str = "hifi"
@@ -64,7 +64,7 @@ class NetworkConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> NetworkConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        known["hidden"] = tuple(int(h) for h in known.get("hidden", (256, 64)))
+        known["hidden"] = tuple(int(h) for h in known.get("hidden", (512, 128)))
         return cls(**known)
 
 

@@ -44,20 +44,23 @@ def train(
     neuron: str = "hifi",
     encoder: str = "direct",
     timesteps: int = 4,
-    hidden: Sequence[int] = (256, 64),
+    hidden: Sequence[int] = (512, 128),
     dropout: float = 0.2,
     input_dropout: float = 0.2,
     epochs: int = 40,
     batch_size: int | None = None,
     lr: float = 2e-3,
+    weight_decay: float = 1e-4,
     bilevel: bool = True,
     online: bool = False,
     autapse: bool = True,
     smoothness: float = 1e-2,
     alpha_interval: int = 2,
+    alpha_min_steps: int = 1,
     val_fraction: float = 0.15,
     class_balance: float = 0.5,
-    ema_decay: float = 0.0,
+    ema_decay: float = 0.99,
+    refit_epochs: int = 2,
     min_cells_per_class: int = 1,
     seed: int = 0,
     device: str = "auto",
@@ -91,6 +94,12 @@ def train(
         trained jointly with the synapses (False).
     batch_size
         Cells per mini-batch (default: 128 under 20,000 training cells, else 512).
+    ema_decay
+        Decay of the exponential moving average of the weights that is validated and kept
+        (0 turns it off).
+    refit_epochs
+        After early stopping, epochs of the synapses on all reference cells (validation
+        cells included) at a tenth of the learning rate.
     class_balance
         Exponent b of the sampling weight ``n_class ** -b`` (0: as in the data, 1: balanced).
     min_cells_per_class
@@ -174,12 +183,15 @@ def train(
         epochs=int(epochs),
         batch_size=batch_size,
         lr=lr,
+        weight_decay=weight_decay,
         alpha_interval=alpha_interval,
+        alpha_min_steps=alpha_min_steps,
         smoothness=smoothness,
         bilevel=bilevel,
         val_fraction=val_fraction,
         class_balance=class_balance,
         ema_decay=ema_decay,
+        refit_epochs=refit_epochs,
         seed=seed,
         progress=progress,
     )

@@ -40,16 +40,19 @@ class TrainConfig:
     epochs: int = 40
     batch_size: int | None = None
     min_samples_per_epoch: int = 4096
+    max_samples: int = 1_000_000
+    refit_epochs: int = 2
     lr: float = 2e-3
     weight_decay: float = 1e-4
     alpha_lr: float = 1e-2
     alpha_interval: int = 2
+    alpha_min_steps: int = 1
     smoothness: float = 1e-2
     bilevel: bool = True
     val_fraction: float = 0.15
     class_balance: float = 0.5
     label_smoothing: float = 0.1
-    ema_decay: float = 0.0
+    ema_decay: float = 0.99
     patience: int = 8
     min_epochs: int = 5
     seed: int = 0
@@ -179,7 +182,6 @@ class BiLevelTrainer:
                 groups.append({"params": alpha, "weight_decay": 0.0})
             opt_w = torch.optim.AdamW(groups, lr=cfg.lr)
             opt_a = None
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_w, T_max=max(cfg.epochs, 1))
 
         # class weights for the validation-split loss: every class counts equally
         va_counts = np.bincount(yva, minlength=n_classes).astype(np.float64)
@@ -188,9 +190,12 @@ class BiLevelTrainer:
                             np.ones(n_classes), dtype=torch.float32, device=self.device)
 
         p_train = self._sampling_weights(ytr)
-        # small references get enough updates per epoch; large ones one pass per epoch
+        # small references get enough updates per epoch; large ones one pass per epoch, and
+        # no more than max_samples draws in all
         n_per_epoch = max(len(ytr), cfg.min_samples_per_epoch)
+        n_epochs = max(1, min(cfg.epochs, cfg.max_samples // n_per_epoch))
         batch_size = cfg.batch_size or auto_batch_size(len(ytr))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_w, T_max=n_epochs)
         show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
         best_f1, best_loss, best_state, best_epoch, bad = -1.0, np.inf, None, 0, 0
         history: list[dict[str, float]] = []
@@ -198,7 +203,7 @@ class BiLevelTrainer:
         ema = (AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
                              use_buffers=True) if cfg.ema_decay > 0 else None)
         evaluated = ema.module if ema is not None else network
-        bar = tqdm(range(cfg.epochs), desc="training", disable=not show, leave=False)
+        bar = tqdm(range(n_epochs), desc="training", disable=not show, leave=False)
         for epoch in bar:
             network.train()
             order = rng.choice(len(ytr), size=n_per_epoch, replace=True, p=p_train)
@@ -237,12 +242,15 @@ class BiLevelTrainer:
                                               weight=va_w.cpu()))
                 rec["val_macro_f1"], rec["val_loss"] = f1, vloss
                 # macro-F1 decides; on a tie (small validation splits often tie) the
-                # lower class-weighted validation loss does
-                if f1 > best_f1 + 1e-6 or (f1 > best_f1 - 1e-6 and vloss < best_loss):
-                    best_f1, best_loss, best_epoch, bad = max(f1, best_f1), vloss, epoch + 1, 0
-                    best_state = copy.deepcopy(evaluated.state_dict())
+                # lower class-weighted validation loss does. Patience counts epochs without
+                # a better macro-F1.
+                if f1 > best_f1 + 1e-6:
+                    bad = 0
                 else:
                     bad += 1
+                if f1 > best_f1 + 1e-6 or (f1 > best_f1 - 1e-6 and vloss < best_loss):
+                    best_f1, best_loss, best_epoch = max(f1, best_f1), vloss, epoch + 1
+                    best_state = copy.deepcopy(evaluated.state_dict())
                 bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val_f1=f"{f1:.3f}")
             history.append(rec)
             logger.debug("epoch %s", rec)
@@ -255,6 +263,8 @@ class BiLevelTrainer:
             network.load_state_dict(ema.module.state_dict())
         else:
             best_epoch = len(history)
+        if cfg.refit_epochs > 0 and has_val:
+            self._refit(network, X, codes, gs, weights, batch_size, n_per_epoch, rng, gen)
         functional.reset_net(network)
         network.eval()
         metrics = {
@@ -270,6 +280,27 @@ class BiLevelTrainer:
         }
         return network, metrics
 
+    def _refit(self, network, X, codes, gs, weights, batch_size, n_per_epoch, rng, gen) -> None:
+        """A few epochs of the synapses on every reference cell (validation cells included),
+        at a tenth of the learning rate, neuron parameters fixed."""
+        cfg = self.cfg
+        opt = torch.optim.AdamW(weights, lr=cfg.lr * 0.1, weight_decay=cfg.weight_decay)
+        p_all = self._sampling_weights(codes)
+        network.train()
+        for _ in range(cfg.refit_epochs):
+            order = rng.choice(len(codes), size=n_per_epoch, replace=True, p=p_all)
+            for s in range(0, n_per_epoch, batch_size):
+                rows = order[s : s + batch_size]
+                if rows.size < 2:
+                    continue
+                xb = _batch(X, rows, gs, self.device)
+                yb = torch.from_numpy(codes[rows]).to(self.device)
+                functional.reset_net(network)
+                loss = F.cross_entropy(network(xb, gen), yb, label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
     def _alpha_step(self, network, Xva, yva, gs, opt_a, va_w, rng, gen, batch_size) -> float:
         """One pass over the validation split updating only the neuron parameters."""
         cfg = self.cfg
@@ -282,7 +313,10 @@ class BiLevelTrainer:
         for m in network.modules():
             if isinstance(m, nn.BatchNorm1d | nn.Dropout):
                 m.eval()
-        order = rng.permutation(len(yva))
+        # at least alpha_min_steps updates: small validation splits are passed over again
+        n_batches = -(-len(yva) // batch_size)
+        passes = -(-max(cfg.alpha_min_steps, 1) // n_batches)
+        order = np.concatenate([rng.permutation(len(yva)) for _ in range(passes)])
         losses = []
         for s in range(0, len(order), batch_size):
             rows = order[s : s + batch_size]
