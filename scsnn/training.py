@@ -205,23 +205,8 @@ class BiLevelTrainer:
         evaluated = ema.module if ema is not None else network
         bar = tqdm(range(n_epochs), desc="training", disable=not show, leave=False)
         for epoch in bar:
-            network.train()
-            order = rng.choice(len(ytr), size=n_per_epoch, replace=True, p=p_train)
-            losses = []
-            for s in range(0, n_per_epoch, batch_size):
-                rows = order[s : s + batch_size]
-                if rows.size < 2:
-                    continue
-                xb = _batch(Xtr, rows, gs, self.device)
-                yb = torch.from_numpy(ytr[rows]).to(self.device)
-                functional.reset_net(network)
-                loss = F.cross_entropy(network(xb, gen), yb, label_smoothing=cfg.label_smoothing)
-                opt_w.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_w.step()
-                if ema is not None:
-                    ema.update_parameters(network)
-                losses.append(float(loss.detach()))
+            losses = self._epoch(network, opt_w, Xtr, ytr, p_train, gs, n_per_epoch, batch_size,
+                                 rng, gen, ema)
             sched.step()
 
             alpha_loss = float("nan")
@@ -286,20 +271,30 @@ class BiLevelTrainer:
         cfg = self.cfg
         opt = torch.optim.AdamW(weights, lr=cfg.lr * 0.1, weight_decay=cfg.weight_decay)
         p_all = self._sampling_weights(codes)
-        network.train()
         for _ in range(cfg.refit_epochs):
-            order = rng.choice(len(codes), size=n_per_epoch, replace=True, p=p_all)
-            for s in range(0, n_per_epoch, batch_size):
-                rows = order[s : s + batch_size]
-                if rows.size < 2:
-                    continue
-                xb = _batch(X, rows, gs, self.device)
-                yb = torch.from_numpy(codes[rows]).to(self.device)
-                functional.reset_net(network)
-                loss = F.cross_entropy(network(xb, gen), yb, label_smoothing=cfg.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            self._epoch(network, opt, X, codes, p_all, gs, n_per_epoch, batch_size, rng, gen)
+
+    def _epoch(self, network, opt, X, y, p, gs, n_draws, batch_size, rng, gen,
+               ema=None) -> list[float]:
+        """One epoch of the synapses: ``n_draws`` cells drawn with probabilities ``p``."""
+        network.train()
+        order = rng.choice(len(y), size=n_draws, replace=True, p=p)
+        losses = []
+        for s in range(0, n_draws, batch_size):
+            rows = order[s : s + batch_size]
+            if rows.size < 2:  # batch norm needs two cells
+                continue
+            xb = _batch(X, rows, gs, self.device)
+            yb = torch.from_numpy(y[rows]).to(self.device)
+            functional.reset_net(network)
+            loss = F.cross_entropy(network(xb, gen), yb, label_smoothing=self.cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if ema is not None:
+                ema.update_parameters(network)
+            losses.append(float(loss.detach()))
+        return losses
 
     def _alpha_step(self, network, Xva, yva, gs, opt_a, va_w, rng, gen, batch_size) -> float:
         """One pass over the validation split updating only the neuron parameters."""
