@@ -366,7 +366,7 @@ class ScsnnModel:
             "schema_version": SCHEMA_VERSION,
             "scsnn_version": __version__,
             "model_id": self.model_id,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "weights": {"file": WEIGHTS_FILE, "sha256": digest},
             "classes": list(self.classes),
             "network": self.config.to_dict(),
