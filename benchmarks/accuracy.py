@@ -94,8 +94,7 @@ def tasks(data_dir: Path, n_folds: int) -> dict[str, Callable[[], Iterator[Split
 
 def standardised(model: scsnn.ScsnnModel, adata: ad.AnnData) -> np.ndarray:
     """The dense standardised matrix the network sees, in the model's gene space."""
-    X, present = model.gene_space.project(get_expression(adata))
-    return model.gene_space.scale(X, present)
+    return model.gene_space.features(get_expression(adata))
 
 
 def run_split(ref: ad.AnnData, query: ad.AnnData, genes: list[str] | None, seed: int,

@@ -95,8 +95,8 @@ def celltypist_status() -> str | None:
     return None
 
 
-def _celltypist(ref: ad.AnnData, query: ad.AnnData, label_key: str, genes: list[str],
-                seed: int) -> tuple[np.ndarray, float, float]:
+def _celltypist(ref: ad.AnnData, query: ad.AnnData, label_key: str,
+                genes: list[str]) -> tuple[np.ndarray, float, float]:
     import celltypist
 
     def lognorm(a: ad.AnnData) -> ad.AnnData:
@@ -125,11 +125,8 @@ def _logreg(model: Any, ref: ad.AnnData, query: ad.AnnData, label_key: str,
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    gs = model.gene_space
-
     def features(a: ad.AnnData) -> np.ndarray:
-        X, present = gs.project(get_expression(a))
-        return gs.scale(X, present)
+        return model.gene_space.features(get_expression(a))
 
     Zr = features(ref)
     t0 = time.perf_counter()
@@ -203,8 +200,7 @@ def run(
                 genes = anchor.gene_space.genes if anchor is not None else split.genes
                 try:
                     pred, ttrain, tann = _celltypist(split.reference, split.query, label_key,
-                                                     list(genes or split.reference.var_names),
-                                                     seed)
+                                                     list(genes or split.reference.var_names))
                 except Exception as exc:
                     row["unavailable"] = f"failed: {type(exc).__name__}: {exc}"
                     rows.append(row)

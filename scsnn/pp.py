@@ -127,6 +127,14 @@ class GeneSpace:
             Z[:, ~present] = 0.0
         return Z
 
+    def features(self, expr: Expression) -> np.ndarray:
+        """``project`` then ``scale``: the dense standardised matrix a model sees.
+
+        Dense over all cells: for baselines on small data; the model itself scales per batch.
+        """
+        X, present = self.project(expr)
+        return self.scale(X, present)
+
     # -- persistence ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -223,7 +223,7 @@ def train(
     return model
 
 
-def _as_model(model: ScsnnModel | str | os.PathLike, device: str) -> ScsnnModel:
+def _as_model(model: ScsnnModel | str | os.PathLike) -> ScsnnModel:
     if isinstance(model, ScsnnModel):
         return model
     return ScsnnModel.load(model, device="cpu")
@@ -284,7 +284,7 @@ def annotate(
         ``energy`` holds the per-cell energy of this network and of its ANN twin computed
         from the spikes counted here (see :func:`scsnn.evaluate.energy_estimate`).
     """
-    m = _as_model(model, device)
+    m = _as_model(model)
     if not 0.0 <= min_confidence <= 1.0:
         raise InputError(f"min_confidence must be between 0 and 1, got {min_confidence}")
     if copy:

@@ -114,6 +114,7 @@ def test_statistics_reapplied_to_query(rare_data):
     )
     # the query's own statistics play no role: one cell scales the same alone or in a batch
     np.testing.assert_allclose(gs.scale(P[3:4], present), Z[3:4], rtol=1e-6)
+    np.testing.assert_array_equal(gs.features(qexpr), Z)  # project + scale in one call
 
 
 def test_absent_genes_get_zero(rare_data):
