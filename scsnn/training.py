@@ -7,6 +7,14 @@ alpha minimise the loss on a disjoint, stratified validation split plus
 strong synapses towards similar biophysics. Rare classes: class-tempered sampling of the
 training split, class-weighted loss on the validation split, and early stopping on the
 validation macro-F1.
+
+Under torchrun (see :mod:`scsnn.distributed`) every rank draws the same cells and takes an
+interleaved shard of every mini-batch; the gradients of whichever parameters are being stepped
+(synapses, or neuron parameters in the upper-level step) and the batch-norm running statistics
+are averaged across ranks after each backward pass, weighted by each rank's share of the
+batch, so all ranks take the same steps and end with bit-identical weights. Validation
+predictions are split between the ranks and gathered, so every rank takes the same
+early-stopping decisions.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .pp import GeneSpace
 
 logger = logging.getLogger("scsnn")
@@ -124,21 +133,62 @@ def auto_batch_size(n_train: int) -> int:
     return 128 if n_train < 20_000 else 512
 
 
+def _stepped(opt: torch.optim.Optimizer) -> list[nn.Parameter]:
+    """Parameters an optimiser steps (their gradients are averaged across ranks)."""
+    return [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+
+
+def _bn_buffers(network: nn.Module) -> list[torch.Tensor]:
+    """Running statistics of the batch-norm layers that update them (those in train mode)."""
+    out: list[torch.Tensor] = []
+    for m in network.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training \
+                and m.track_running_stats:
+            out.extend([m.running_mean, m.running_var])
+    return out
+
+
+def _data_digest(network: nn.Module, X: sp.csr_matrix, codes: np.ndarray, gs: GeneSpace) -> str:
+    """What every rank must agree on before training: cells, labels, genes, initial weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(repr((X.shape, X.nnz, float(np.asarray(X.data, dtype=np.float64).sum()))).encode())
+    h.update(np.ascontiguousarray(codes, dtype=np.int64).tobytes())
+    h.update("\0".join(gs.genes).encode())
+    h.update(distributed.state_digest(network).encode())
+    return h.hexdigest()
+
+
 class BiLevelTrainer:
     """Trains a network built by :func:`scsnn.models.build_network` on projected cells."""
 
     def __init__(self, config: TrainConfig, device: torch.device) -> None:
         self.cfg = config
         self.device = device
+        # rank and number of processes of the data-parallel group ((0, 1): one process)
+        self._rank, self._world = 0, 1
 
     def _sampling_weights(self, codes: np.ndarray) -> np.ndarray:
         counts = np.bincount(codes)
         w = counts[codes].astype(np.float64) ** (-self.cfg.class_balance)
         return w / w.sum()
 
-    @torch.no_grad()
     def _predict(self, network: nn.Module, X: sp.csr_matrix, gs: GeneSpace) -> np.ndarray:
-        """Logits of the network on X, in eval mode."""
+        """Logits of the network on X, in eval mode (under DDP: each rank predicts a block of
+        X and every rank receives all of them)."""
+        if self._world == 1:
+            return self._predict_rows(network, X, gs)
+        lo, hi = distributed.block(X.shape[0], self._rank, self._world)
+        if hi > lo:
+            local = self._predict_rows(network, X[lo:hi], gs)
+        else:
+            network.eval()
+            local = np.zeros((0, network.cfg.n_classes), dtype=np.float32)
+        return distributed.gather_blocks(local, X.shape[0], self.device)
+
+    @torch.no_grad()
+    def _predict_rows(self, network: nn.Module, X: sp.csr_matrix, gs: GeneSpace) -> np.ndarray:
         network.eval()
         preds = []
         gen = torch.Generator().manual_seed(self.cfg.seed)
@@ -159,10 +209,16 @@ class BiLevelTrainer:
     ) -> tuple[nn.Module, dict[str, Any]]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed)
+        self._rank, self._world = rank, world = distributed.group_rank_size()
+        # the draws of cells are the same on every rank (then sharded); dropout and spike
+        # encoders get a stream of their own on each rank (rank 0: as in a single process)
+        torch.manual_seed(distributed.rank_seed(cfg.seed, rank))
         rng = np.random.default_rng(cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, rank) + 1)
         network.to(self.device)
+        if world > 1:
+            distributed.check_same(_data_digest(network, X, codes, gs),
+                                   "reference cells, labels, genes or initial weights")
 
         split = stratified_split(codes, cfg.val_fraction, cfg.seed)
         Xtr, ytr = X[split.train], codes[split.train]
@@ -197,6 +253,7 @@ class BiLevelTrainer:
         batch_size = cfg.batch_size or auto_batch_size(len(ytr))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_w, T_max=n_epochs)
         show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+        show = show and rank == 0
         best_f1, best_loss, best_state, best_epoch, bad = -1.0, np.inf, None, 0, 0
         history: list[dict[str, float]] = []
         # an exponential moving average of the weights is what gets validated and kept
@@ -263,6 +320,13 @@ class BiLevelTrainer:
             "unsplit_classes": split.unsplit_classes,
             "history": history,
         }
+        if world > 1:
+            digests = distributed.all_digests(distributed.state_digest(network))
+            if len(set(digests)) > 1:
+                logger.error("the ranks ended with different weights: %s", digests)
+            metrics["distributed"] = {"world_size": world,
+                                      "backend": distributed.backend(),
+                                      "rank_weights_sha256": digests}
         return network, metrics
 
     def _refit(self, network, X, codes, gs, weights, batch_size, n_per_epoch, rng, gen) -> None:
@@ -276,24 +340,35 @@ class BiLevelTrainer:
 
     def _epoch(self, network, opt, X, y, p, gs, n_draws, batch_size, rng, gen,
                ema=None) -> list[float]:
-        """One epoch of the synapses: ``n_draws`` cells drawn with probabilities ``p``."""
+        """One epoch of the synapses: ``n_draws`` cells drawn with probabilities ``p``.
+
+        Under DDP the draw is the same on every rank and each rank trains on its interleaved
+        shard of every mini-batch; gradients and batch-norm statistics are averaged.
+        """
         network.train()
         order = rng.choice(len(y), size=n_draws, replace=True, p=p)
+        rank, world = self._rank, self._world
+        stepped = _stepped(opt) if world > 1 else []
         losses = []
         for s in range(0, n_draws, batch_size):
             rows = order[s : s + batch_size]
-            if rows.size < 2:  # batch norm needs two cells
+            if rows.size // world < 2:  # batch norm needs two cells (on every rank)
                 continue
-            xb = _batch(X, rows, gs, self.device)
-            yb = torch.from_numpy(y[rows]).to(self.device)
+            mine = distributed.shard(rows, rank, world)
+            xb = _batch(X, mine, gs, self.device)
+            yb = torch.from_numpy(y[mine]).to(self.device)
             functional.reset_net(network)
             loss = F.cross_entropy(network(xb, gen), yb, label_smoothing=self.cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            value = float(loss.detach())
+            if world > 1:
+                value = distributed.all_reduce_step(stepped, _bn_buffers(network), value,
+                                                    mine.size / rows.size)
             opt.step()
             if ema is not None:
                 ema.update_parameters(network)
-            losses.append(float(loss.detach()))
+            losses.append(value)
         return losses
 
     def _alpha_step(self, network, Xva, yva, gs, opt_a, va_w, rng, gen, batch_size) -> float:
@@ -312,18 +387,28 @@ class BiLevelTrainer:
         n_batches = -(-len(yva) // batch_size)
         passes = -(-max(cfg.alpha_min_steps, 1) // n_batches)
         order = np.concatenate([rng.permutation(len(yva)) for _ in range(passes)])
+        rank, world = self._rank, self._world
+        w_np = va_w.detach().cpu().numpy().astype(np.float64) if world > 1 else None
         losses = []
         for s in range(0, len(order), batch_size):
             rows = order[s : s + batch_size]
-            xb = _batch(Xva, rows, gs, self.device)
-            yb = torch.from_numpy(yva[rows]).to(self.device)
-            functional.reset_net(network)
-            loss = F.cross_entropy(network(xb, gen), yb, weight=va_w)
-            loss = loss + cfg.smoothness * laplacian_smoothness(network).to(loss.device)
+            mine = distributed.shard(rows, rank, world)
             opt_a.zero_grad(set_to_none=True)
-            loss.backward()
+            value = 0.0
+            if mine.size:  # under DDP a small last batch can leave a rank without cells
+                xb = _batch(Xva, mine, gs, self.device)
+                yb = torch.from_numpy(yva[mine]).to(self.device)
+                functional.reset_net(network)
+                loss = F.cross_entropy(network(xb, gen), yb, weight=va_w)
+                loss = loss + cfg.smoothness * laplacian_smoothness(network).to(loss.device)
+                loss.backward()
+                value = float(loss.detach())
+            if world > 1:
+                # the class-weighted mean over the global batch: shares by summed class weight
+                share = w_np[yva[mine]].sum() / w_np[yva[rows]].sum()
+                value = distributed.all_reduce_step(_stepped(opt_a), [], value, float(share))
             opt_a.step()
-            losses.append(float(loss.detach()))
+            losses.append(value)
         for p in frozen:
             p.requires_grad_(True)
         network.train()
