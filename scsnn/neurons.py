@@ -23,6 +23,8 @@ from spikingjelly.activation_based import neuron as sj_neuron
 from spikingjelly.activation_based import surrogate
 from torch import nn
 
+from .kernels import check_kernel, hifi_multistep, resolve_kernel
+
 NEURONS = ("hifi", "lif", "plif")
 
 #: Names of the neuron-level ("alpha") parameters of a HIFI layer, in a fixed order.
@@ -55,6 +57,12 @@ class HIFINode(sj_neuron.BaseNode):
     online
         Detach the membrane and the previous spike between steps (gradients flow only
         within a step: online training, lower memory than full BPTT).
+    kernel
+        Multi-step implementation: ``"torch"`` the plain autograd loop below (the reference),
+        ``"torch-fused"`` the hand-fused torch loop of :mod:`scsnn.kernels` (same values,
+        hand-written backward, less memory), ``"triton"`` the fused Triton kernels, ``"auto"``
+        (default) Triton where :func:`scsnn.kernels.fused_available` (CUDA and triton), the
+        surrogate is ATan and the input is not float64, else the plain loop.
     """
 
     def __init__(
@@ -72,6 +80,7 @@ class HIFINode(sj_neuron.BaseNode):
         surrogate_function: surrogate.SurrogateFunctionBase | None = None,
         step_mode: str = "m",
         generator: torch.Generator | None = None,
+        kernel: str = "auto",
     ) -> None:
         super().__init__(
             v_threshold=1.0,
@@ -84,6 +93,7 @@ class HIFINode(sj_neuron.BaseNode):
         self.hard_reset = bool(hard_reset)
         self.online = bool(online)
         self.autapse = bool(autapse)
+        self.kernel = check_kernel(kernel)
         self.register_memory("s", 0.0)
 
         def init(value: float) -> nn.Parameter:
@@ -165,6 +175,14 @@ class HIFINode(sj_neuron.BaseNode):
         x_seq = inputs[0]
         v, s_prev = states
         k, theta, c, gamma = self.k, self.theta, self.c, self.gamma
+        fused = resolve_kernel(getattr(self, "kernel", "auto"), x_seq, self.surrogate_function)
+        if fused is not None:  # all T steps in one autograd node (scsnn.kernels)
+            spikes, v, s_prev = hifi_multistep(
+                x_seq, v, s_prev, k, theta, c, gamma if self.autapse else None, self.u,
+                autapse=self.autapse, hard_reset=self.hard_reset, online=self.online,
+                alpha=float(self.surrogate_function.alpha), backend=fused,
+            )
+            return (spikes,), (v, s_prev)
         spikes = []
         for t in range(x_seq.shape[0]):
             if self.online:
