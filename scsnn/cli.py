@@ -10,10 +10,10 @@ import functools
 import logging
 import sys
 import warnings
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
-from collections.abc import Callable
 
 import typer
 
@@ -116,8 +116,20 @@ def main_callback(
                                          help="More messages (-vv for debug).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", min=1, help="CPU threads for torch (default: all cores); set it when "
+        "several scsnn jobs share a machine.")] = None,
 ) -> None:
     _state["debug"] = debug
+    if threads is not None:
+        import os
+
+        # before numpy/torch load their thread pools
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
     _setup_logging(-1 if quiet else verbose)
 
 
@@ -174,8 +186,11 @@ def train(
 ) -> None:
     """Train a HIFI spiking classifier on a labelled reference and save it to OUT."""
     sizes = _parse_hidden(hidden)
-    from . import tl
+    from . import distributed, tl
     from .io import read_h5ad
+
+    if not distributed.is_main_process():  # under torchrun only rank 0 logs and saves
+        log.setLevel(logging.ERROR)
 
     adata = read_h5ad(reference)
     model = tl.train(
@@ -186,6 +201,8 @@ def train(
         min_cells_per_class=min_cells_per_class, device=device.value,
     )
     model.settings["reference"] = str(reference)
+    if not distributed.is_main_process():
+        return
     model.save(out)
     m = model.metrics
     f1 = m.get("val_macro_f1")
@@ -213,32 +230,68 @@ def annotate(
         min=0.0, max=1.0, help="Decide a cell at the first step whose confidence reaches "
         "this value.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Cells per mini-batch.")] = 1024,
+    chunk_size: Annotated[int, typer.Option(
+        min=1, help="Cells read from the file at a time (memory stays bounded by it).")]
+    = 65_536,
+    chunk: Annotated[str | None, typer.Option(
+        help="I/N: annotate only the I-th of N equal blocks of cells (I from 1) and write a "
+        "predictions-only file for 'scsnn gather'.")] = None,
     layer: LayerOpt = None,
     use_raw: RawOpt = False,
     gene_symbols: SymbolsOpt = None,
     device: DeviceOpt = Device.auto,
 ) -> None:
-    """Predict cell types of QUERY and write them into the AnnData."""
-    from . import tl
-    from .errors import InputError
-    from .io import read_h5ad, write_h5ad_atomic
-    from .models import ScsnnModel
+    """Predict cell types of QUERY and write them into the AnnData.
 
-    if output is not None and output.is_dir():
-        raise InputError(f"cannot write {output}: it is a directory")
-    m = ScsnnModel.load(model)
-    adata = read_h5ad(query)
-    tl.annotate(
-        adata, m, key_added=key_added, min_confidence=min_confidence, layer=layer,
-        use_raw=use_raw, gene_symbols=gene_symbols, min_gene_overlap=min_gene_overlap,
-        early_exit=early_exit, batch_size=batch_size, device=device.value,
+    The file is read in blocks of --chunk-size cells and the predictions are written into a
+    copy of it (or into the file itself, atomically), so a query larger than memory can be
+    annotated; the result equals an in-memory run.
+    """
+    from . import tl
+
+    part = _parse_chunk(chunk) if chunk is not None else None
+    if part is not None and output is None:
+        raise typer.BadParameter("--chunk needs --output (a chunk file is not the query)",
+                                 param_hint="--chunk")
+    summary = tl.annotate_file(
+        query, model, output=output, key_added=key_added, min_confidence=min_confidence,
+        layer=layer, use_raw=use_raw, gene_symbols=gene_symbols,
+        min_gene_overlap=min_gene_overlap, early_exit=early_exit, batch_size=batch_size,
+        chunk_size=chunk_size, chunk=part, device=device.value,
     )
-    dest = output or query
-    write_h5ad_atomic(adata, dest)
-    counts = adata.obs[key_added].value_counts()
-    typer.echo(f"annotated {adata.n_obs} cells -> {dest} (obs['{key_added}'])")
-    for lab, n in counts[counts > 0].items():
+    what = f" (chunk {chunk})" if part is not None else ""
+    typer.echo(f"annotated {summary['n_cells']} cells{what} -> {summary['output']} "
+               f"(obs['{key_added}'])")
+    for lab, n in sorted(summary["labels"].items(), key=lambda kv: -kv[1]):
         typer.echo(f"  {lab}: {n}")
+
+
+def _parse_chunk(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise typer.BadParameter(f"expected I/N, e.g. 2/8, got '{text}'",
+                                 param_hint="--chunk") from None
+    if n < 1 or not 1 <= i <= n:
+        raise typer.BadParameter(f"chunk {text}: need 1 <= I <= N", param_hint="--chunk")
+    return i - 1, n
+
+
+@app.command()
+@_guarded
+def gather(
+    query: Annotated[Path, typer.Argument(help="The query .h5ad the chunks were cut from.")],
+    chunks: Annotated[list[Path], typer.Argument(help="Chunk files from 'scsnn annotate "
+                                                      "--chunk I/N'.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Annotated .h5ad to write.")],
+    key_added: Annotated[str, typer.Option(help="Prefix used at annotation.")] = "scsnn",
+) -> None:
+    """Put the predictions of annotated chunks into one copy of the query."""
+    from . import tl
+
+    summary = tl.gather(query, chunks, output, key_added=key_added)
+    typer.echo(f"gathered {summary['n_chunks']} chunks, {summary['n_cells']} cells -> "
+               f"{summary['output']}")
 
 
 @app.command()
@@ -263,6 +316,99 @@ def evaluate(
                          restrict_to_model_classes=restrict_to_model_classes, out=out)
     typer.echo(format_table(report))
     typer.echo(f"report written to {out}/report.json")
+
+
+@app.command()
+@_guarded
+def report(
+    annotated: Annotated[Path, typer.Argument(help="Annotated .h5ad (from scsnn annotate).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the report.")],
+    truth_key: Annotated[str | None, typer.Option(
+        "--truth-key", "-t", help="obs column of true labels; adds the evaluation.")] = None,
+    sample: Annotated[str | None, typer.Option(
+        help="Name of the sample in the report (default: the folder name).")] = None,
+    key_added: Annotated[str, typer.Option(help="Prefix used at annotation.")] = "scsnn",
+    rare_threshold: Annotated[float, typer.Option(min=0.0, max=1.0,
+                              help="A class under this fraction of cells is rare.")] = 0.03,
+    restrict_to_model_classes: Annotated[bool, typer.Option(
+        help="Evaluate only cells whose true label is a model class.")] = False,
+) -> None:
+    """Tables, plots and report.md for one annotated sample (evaluation with --truth-key)."""
+    from .report import read_annotations, sample_report
+
+    adata = read_annotations(annotated, key_added=key_added)
+    summary = sample_report(adata, out, sample=sample, truth_key=truth_key,
+                            key_added=key_added, rare_threshold=rare_threshold,
+                            restrict_to_model_classes=restrict_to_model_classes)
+    extra = (f", macro-F1 {summary['macro_f1']:.3f}" if "macro_f1" in summary else "")
+    typer.echo(f"{summary['sample']}: {summary['n_cells']} cells{extra} -> {out}/report.md")
+
+
+@app.command()
+@_guarded
+def summarize(
+    reports: Annotated[list[Path], typer.Argument(help="Report folders (from scsnn report).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for summary.md/.tsv.")],
+) -> None:
+    """One table across samples: cells, accuracy, macro-F1, rare recall, label counts."""
+    from .report import summarize as summarize_reports
+
+    table = summarize_reports(reports, out)
+    typer.echo(f"{len(table)} samples -> {out}/summary.md")
+
+
+@app.command()
+@_guarded
+def subset(
+    adata_path: Annotated[Path, typer.Argument(metavar="H5AD", help="Input .h5ad.")],
+    obs: Annotated[list[str], typer.Option(
+        "--obs", help="COLUMN=VALUE[,VALUE...]: keep cells with one of these values "
+        "(repeat for several columns; all must match).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help=".h5ad to write.")],
+) -> None:
+    """Write the cells of H5AD that match obs conditions (e.g. one donor or batch)."""
+    from .io import subset_h5ad
+
+    conditions: dict[str, list[str]] = {}
+    for item in obs:
+        col, sep, values = item.partition("=")
+        if not sep or not col or not values:
+            raise typer.BadParameter(f"expected COLUMN=VALUE[,VALUE...], got '{item}'",
+                                     param_hint="--obs")
+        conditions.setdefault(col, []).extend(v for v in values.split(",") if v)
+    n = subset_h5ad(adata_path, output, conditions)
+    typer.echo(f"wrote {n} cells -> {output}")
+
+
+@app.command()
+@_guarded
+def dataset(
+    name: Annotated[str, typer.Argument(help="pbmc68k_reduced (ships with scanpy, split into "
+                                             "reference.h5ad and query.h5ad) or synthetic.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write into.")],
+    query_fraction: Annotated[float, typer.Option(
+        min=0.05, max=0.95, help="pbmc68k_reduced: fraction of cells in the query.")] = 0.25,
+    n_cells: Annotated[int, typer.Option(min=10, help="synthetic: reference cells.")] = 10_000,
+    n_query: Annotated[int, typer.Option(min=0, help="synthetic: query cells.")] = 0,
+    n_genes: Annotated[int, typer.Option(min=10, help="synthetic: genes.")] = 3000,
+    n_types: Annotated[int, typer.Option(min=2, help="synthetic: cell types.")] = 20,
+    rare_fraction: Annotated[float, typer.Option(
+        min=0.0, max=0.5, help="synthetic: fraction of the rarest type.")] = 0.002,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write a labelled dataset that needs no download (obs['cell_type'] holds the labels)."""
+    from . import datasets
+    from .errors import InputError
+
+    if name == "pbmc68k_reduced":
+        paths = datasets.write_pbmc68k_split(out, query_fraction=query_fraction, seed=seed)
+    elif name == "synthetic":
+        paths = datasets.write_synthetic(out, n_cells=n_cells, n_query=n_query, n_genes=n_genes,
+                                         n_types=n_types, rare_fraction=rare_fraction, seed=seed)
+    else:
+        raise InputError(f"unknown dataset '{name}' (pbmc68k_reduced or synthetic)")
+    for p in paths:
+        typer.echo(f"wrote {p}")
 
 
 @app.command()

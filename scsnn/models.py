@@ -224,6 +224,11 @@ class SpikeCounter:
             self.layer_spikes = [0.0] * len(layer_spikes)
         self.layer_spikes = [a + b for a, b in zip(self.layer_spikes, layer_spikes)]
 
+    def merge(self, other: SpikeCounter | None) -> None:
+        """Add the counts of another counter (e.g. of another chunk of cells)."""
+        if other is not None and other.n_cells:
+            self.add(other.n_cells, other.input_events, other.layer_spikes)
+
 
 @dataclass
 class Predictions:
@@ -234,6 +239,11 @@ class Predictions:
     step_confidence: np.ndarray  # [N, T], its top softmax probability
     decision_step: np.ndarray  # [N], 1-based step whose readout was taken
     counter: SpikeCounter | None = None
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of the spike generator for one inference batch."""
+    return int(np.random.SeedSequence([int(seed), int(batch)]).generate_state(1)[0])
 
 
 @torch.no_grad()
@@ -248,23 +258,27 @@ def predict(
     seed: int = 0,
     count_spikes: bool = False,
     early_exit: float | None = None,
+    first_batch: int = 0,
 ) -> Predictions:
     """Run the network over projected cells, mini-batch by mini-batch (only a batch is dense).
 
     With ``count_spikes`` the spikes of every layer are counted (for energy accounting).
     With ``early_exit`` a cell's decision is the readout at the first step whose top
     probability reaches that value (the last step when none does).
-    Spike encoders draw from a generator seeded with ``seed``, so predictions reproduce.
+    Spike encoders draw from a generator seeded from ``seed`` and the index of the batch
+    (``first_batch`` for the first batch of ``X``), so predictions reproduce, and a matrix cut
+    into chunks at multiples of ``batch_size`` gives the same predictions as the whole matrix.
     """
     device = torch.device(device)
     network.eval()
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator()
     counter = SpikeCounter() if count_spikes and hasattr(network, "counter") else None
     if counter is not None:
         network.counter = counter
     logits, labels, conf, steps = [], [], [], []
     try:
-        for start in range(0, X.shape[0], batch_size):
+        for i, start in enumerate(range(0, X.shape[0], batch_size)):
+            gen.manual_seed(batch_seed(seed, first_batch + i))
             xb = gene_space.scale(X[start : start + batch_size], present)
             functional.reset_net(network)
             y = network.forward_steps(torch.from_numpy(xb).to(device), gen).float()  # [T,N,C]

@@ -5,18 +5,23 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
+from . import distributed
 from ._version import __version__
 from .errors import InputError
 from .evaluate import energy_estimate
-from .io import get_expression, get_labels
+from .io import get_expression, get_labels, read_h5ad, write_h5ad_atomic
 from .models import (
     NetworkConfig,
+    Predictions,
     ScsnnModel,
+    SpikeCounter,
     build_network,
     predict,
     resolve_device,
@@ -195,7 +200,9 @@ def train(
         seed=seed,
         progress=progress,
     )
-    network, metrics = BiLevelTrainer(tcfg, dev).fit(network, Xsel, codes, gs, len(classes))
+    # under torchrun: join the process group, train data-parallel on this rank's device
+    with distributed.process_group(dev) as dev:
+        network, metrics = BiLevelTrainer(tcfg, dev).fit(network, Xsel, codes, gs, len(classes))
     network.to("cpu")
     metrics["class_counts"] = {c: int(counts[c]) for c in classes}
     metrics["unsplit_classes"] = [classes[i] for i in metrics["unsplit_classes"]]
@@ -285,13 +292,42 @@ def annotate(
         from the spikes counted here (see :func:`scsnn.evaluate.energy_estimate`).
     """
     m = _as_model(model)
-    if not 0.0 <= min_confidence <= 1.0:
-        raise InputError(f"min_confidence must be between 0 and 1, got {min_confidence}")
+    _check_confidence(min_confidence)
     if copy:
         adata = adata.copy()
     expr = get_expression(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols)
     with torch_threads_kept():
         Xq, present = m.gene_space.project(expr)
+    n_present = _check_overlap(m, present, min_gene_overlap)
+    dev = resolve_device(device)
+    m.network.to(dev)
+    try:
+        pred = predict(m.network, Xq, m.gene_space, present, batch_size=batch_size, device=dev,
+                       seed=int(m.settings.get("seed", 0)), count_spikes=True,
+                       early_exit=early_exit)
+    finally:
+        m.network.to("cpu")
+    obs, obsm, uns = _slots(
+        m, pred, adata.obs_names, key_added=key_added, min_confidence=min_confidence,
+        early_exit=early_exit, n_present=n_present, input_kind=expr.kind,
+        params={"layer": layer or "", "use_raw": bool(use_raw),
+                "gene_symbols": gene_symbols or ""},
+    )
+    for k, v in obs.items():
+        adata.obs[k] = v
+    for k, v in obsm.items():
+        adata.obsm[k] = v
+    adata.uns[key_added] = uns
+    _log_annotated(adata.n_obs, expr.kind, n_present, m, obs[key_added], min_confidence)
+    return adata if copy else None
+
+
+def _check_confidence(min_confidence: float) -> None:
+    if not 0.0 <= min_confidence <= 1.0:
+        raise InputError(f"min_confidence must be between 0 and 1, got {min_confidence}")
+
+
+def _check_overlap(m: ScsnnModel, present: np.ndarray, min_gene_overlap: float) -> int:
     n_present = int(present.sum())
     frac = n_present / m.gene_space.n_genes
     if frac < min_gene_overlap:
@@ -305,12 +341,48 @@ def annotate(
             "query holds only %d of the model's %d genes (%.1f%%); absent genes are set to "
             "the reference mean", n_present, m.gene_space.n_genes, 100 * frac
         )
-    dev = resolve_device(device)
-    m.network.to(dev)
-    seed = int(m.settings.get("seed", 0))
-    pred = predict(m.network, Xq, m.gene_space, present, batch_size=batch_size, device=dev,
-                   seed=seed, count_spikes=True, early_exit=early_exit)
-    m.network.to("cpu")
+    return n_present
+
+
+def _log_annotated(n: int, kind: str, n_present: int, m: ScsnnModel, labels: pd.Categorical,
+                   min_confidence: float) -> None:
+    n_un = int((np.asarray(labels) == UNASSIGNED).sum()) if min_confidence > 0 else 0
+    logger.info(
+        "annotated %d cells (%s input, %d/%d model genes present%s)",
+        n, kind, n_present, m.gene_space.n_genes, f", {n_un} unassigned" if n_un else "",
+    )
+
+
+def _energy(m: ScsnnModel, counter: SpikeCounter | None, n_cells: int) -> dict[str, Any]:
+    cfg = m.config
+    c = counter
+    energy = energy_estimate(
+        [cfg.n_genes, *cfg.hidden, cfg.n_classes],
+        timesteps=cfg.timesteps,
+        analog_input=m.network.encoder.analog if c is not None else True,
+        spiking=c is not None,
+        n_cells=c.n_cells if c is not None else n_cells,
+        input_events=c.input_events if c is not None else 0.0,
+        layer_spikes=c.layer_spikes if c is not None else (),
+    )
+    out = {k: v for k, v in energy.items() if v is not None}
+    out["n_cells"] = int(c.n_cells if c is not None else n_cells)
+    return out
+
+
+def _slots(
+    m: ScsnnModel,
+    pred: Predictions,
+    obs_names: pd.Index,
+    *,
+    key_added: str,
+    min_confidence: float,
+    early_exit: float | None,
+    n_present: int,
+    input_kind: str,
+    params: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The obs columns, obsm entries and ``uns[key_added]`` of an annotation."""
     proba = softmax(pred.logits.astype(np.float64)).astype(np.float32)
     top = proba.argmax(1)
     conf = proba[np.arange(len(top)), top]
@@ -318,38 +390,30 @@ def annotate(
     if min_confidence > 0:
         labels = np.where(conf < min_confidence, UNASSIGNED, labels)
     cats = list(m.classes) + ([UNASSIGNED] if UNASSIGNED not in m.classes else [])
-    adata.obs[key_added] = pd.Categorical(labels, categories=cats)
-    adata.obs[f"{key_added}_confidence"] = conf
-    adata.obsm[f"{key_added}_probabilities"] = pd.DataFrame(
-        proba, index=adata.obs_names, columns=[str(c) for c in m.classes]
-    )
-    cfg = m.config
-    c = pred.counter
-    energy = energy_estimate(
-        [cfg.n_genes, *cfg.hidden, cfg.n_classes],
-        timesteps=cfg.timesteps,
-        analog_input=m.network.encoder.analog if c is not None else True,
-        spiking=c is not None,
-        n_cells=c.n_cells if c is not None else adata.n_obs,
-        input_events=c.input_events if c is not None else 0.0,
-        layer_spikes=c.layer_spikes if c is not None else (),
-    )
-    adata.obsm[f"{key_added}_step_labels"] = pred.step_labels
+    obs: dict[str, Any] = {
+        key_added: pd.Categorical(labels, categories=cats),
+        f"{key_added}_confidence": conf,
+    }
     if early_exit is not None:
-        adata.obs[f"{key_added}_decision_step"] = pred.decision_step
-    adata.uns[key_added] = {
-        "energy": {k: v for k, v in energy.items() if v is not None},
+        obs[f"{key_added}_decision_step"] = pred.decision_step
+    obsm = {
+        f"{key_added}_probabilities": pd.DataFrame(
+            proba, index=obs_names, columns=[str(c) for c in m.classes]
+        ),
+        f"{key_added}_step_labels": pred.step_labels,
+    }
+    frac = n_present / m.gene_space.n_genes
+    uns = {
+        "energy": _energy(m, pred.counter, len(obs_names)),
         "latency": {
             "timesteps": int(pred.step_labels.shape[1]),
             "early_exit": float(early_exit) if early_exit is not None else 0.0,
-            "mean_steps": float(pred.decision_step.mean()),
+            "mean_steps": float(pred.decision_step.mean()) if len(pred.decision_step) else 0.0,
         },
         "params": {
             "min_confidence": float(min_confidence),
-            "layer": layer or "",
-            "use_raw": bool(use_raw),
-            "gene_symbols": gene_symbols or "",
-            "input_kind": expr.kind,
+            **params,
+            "input_kind": input_kind,
             "neuron": m.config.neuron,
             "encoder": m.config.encoder,
             "timesteps": int(m.config.timesteps),
@@ -360,13 +424,240 @@ def annotate(
                          "fraction": float(frac)},
         "version": __version__,
     }
-    n_un = int((labels == UNASSIGNED).sum()) if min_confidence > 0 else 0
-    logger.info(
-        "annotated %d cells (%s input, %d/%d model genes present%s)",
-        adata.n_obs, expr.kind, n_present, m.gene_space.n_genes,
-        f", {n_un} unassigned" if n_un else "",
+    return obs, obsm, uns
+
+
+def annotate_file(
+    path: str | os.PathLike,
+    model: ScsnnModel | str | os.PathLike,
+    *,
+    output: str | os.PathLike | None = None,
+    key_added: str = "scsnn",
+    min_confidence: float = 0.0,
+    layer: str | None = None,
+    use_raw: bool = False,
+    gene_symbols: str | None = None,
+    min_gene_overlap: float = 0.5,
+    early_exit: float | None = None,
+    batch_size: int = 1024,
+    chunk_size: int = 65_536,
+    chunk: tuple[int, int] | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Annotate an ``.h5ad`` file block by block, with memory bounded by ``chunk_size`` cells.
+
+    The expression matrix is read ``chunk_size`` cells at a time (never whole), and the
+    predictions are written into a copy of the file (``output``, or the file itself,
+    replaced atomically) without loading ``X``. The result equals :func:`annotate` on the
+    loaded AnnData: blocks are cut at multiples of ``batch_size``, so every inference batch
+    holds the same cells.
+
+    Parameters
+    ----------
+    path
+        Query ``.h5ad``.
+    output
+        Where to write; ``None`` updates ``path`` in place (atomically).
+    chunk_size
+        Cells read per block (rounded up to a multiple of ``batch_size``).
+    chunk
+        ``(i, n)``: annotate only the ``i``-th (0-based) of ``n`` equal blocks of cells and
+        write a predictions-only file (obs with the predictions, obsm, uns; no expression)
+        for :func:`gather`. Input kind (counts or log-normalised) is judged on the first
+        block of the file, whichever chunk is annotated.
+    Other parameters are those of :func:`annotate`.
+
+    Returns
+    -------
+    A summary: ``{"n_cells", "output", "labels": {label: count}}``. The slots written are
+    those of :func:`annotate`.
+    """
+    from .io import H5adRows, chunk_bounds, write_annotations
+
+    m = _as_model(model)
+    _check_confidence(min_confidence)
+    if batch_size < 1 or chunk_size < 1:
+        raise InputError("batch_size and chunk_size must be positive")
+    chunk_size = -(-chunk_size // batch_size) * batch_size
+    dest = Path(output) if output is not None else Path(path)
+    if dest.is_dir():
+        raise InputError(f"cannot write {dest}: it is a directory")
+    dev = resolve_device(device)
+    seed = int(m.settings.get("seed", 0))
+    with H5adRows(path, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols) as rows:
+        kind = rows.detect_kind(max_rows=chunk_size)
+        if chunk is None:
+            lo, hi = 0, rows.n_obs
+        else:
+            lo, hi = chunk_bounds(rows.n_obs, chunk[1], chunk[0], align=batch_size)
+        present = None
+        n_present = 0
+        parts: list[Predictions] = []
+        counter = SpikeCounter()
+        m.network.to(dev)
+        try:
+            for a in range(lo, hi, chunk_size):
+                b = min(hi, a + chunk_size)
+                with torch_threads_kept():
+                    Xq, present = m.gene_space.project(rows.expression(a, b, kind))
+                if not parts:
+                    n_present = _check_overlap(m, present, min_gene_overlap)
+                pred = predict(m.network, Xq, m.gene_space, present, batch_size=batch_size,
+                               device=dev, seed=seed, count_spikes=True, early_exit=early_exit,
+                               first_batch=a // batch_size)
+                counter.merge(pred.counter)
+                parts.append(pred)
+                logger.debug("annotated cells %d-%d of %d", a, b, rows.n_obs)
+        finally:
+            m.network.to("cpu")
+        if not parts:  # an empty chunk: nothing to predict, but a valid (empty) result
+            if present is None:
+                _, present = m.gene_space.project(rows.expression(0, 1, kind))
+            n_present = int(present.sum())
+            T, C = m.config.timesteps, len(m.classes)
+            parts.append(Predictions(np.zeros((0, C), np.float32), np.zeros((0, T), np.int32),
+                                     np.zeros((0, T), np.float32), np.zeros(0, np.int32), None))
+        pred = Predictions(
+            np.concatenate([p.logits for p in parts]),
+            np.concatenate([p.step_labels for p in parts]),
+            np.concatenate([p.step_confidence for p in parts]),
+            np.concatenate([p.decision_step for p in parts]),
+            counter if counter.n_cells else None,
+        )
+        obs_all = rows.obs
+        n_total = rows.n_obs
+    obs_names = obs_all.index[lo:hi]
+    obs, obsm, uns = _slots(
+        m, pred, obs_names, key_added=key_added, min_confidence=min_confidence,
+        early_exit=early_exit, n_present=n_present, input_kind=kind,
+        params={"layer": layer or "", "use_raw": bool(use_raw),
+                "gene_symbols": gene_symbols or ""},
     )
-    return adata if copy else None
+    if chunk is not None:
+        uns["chunk"] = {"index": int(chunk[0]), "n_chunks": int(chunk[1]), "start": int(lo),
+                        "stop": int(hi), "n_obs_total": int(n_total)}
+        part = ad.AnnData(obs=obs_all.iloc[lo:hi].copy())
+        for k, v in obs.items():
+            part.obs[k] = v
+        for k, v in obsm.items():
+            part.obsm[k] = v
+        part.uns[key_added] = uns
+        write_h5ad_atomic(part, dest)
+    else:
+        write_annotations(path, dest, obs=obs, obsm=obsm, uns={key_added: uns},
+                          drop_obs=() if early_exit is not None
+                          else (f"{key_added}_decision_step",))
+    _log_annotated(len(obs_names), kind, n_present, m, obs[key_added], min_confidence)
+    counts = pd.Series(np.asarray(obs[key_added])).value_counts()
+    return {"n_cells": int(len(obs_names)), "output": str(dest),
+            "labels": {str(k): int(v) for k, v in counts.items() if v > 0}}
+
+
+def gather(
+    query: str | os.PathLike,
+    parts: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    *,
+    key_added: str = "scsnn",
+) -> dict[str, Any]:
+    """Write the predictions of chunk files (from :func:`annotate_file` with ``chunk``) into
+    a copy of the query ``.h5ad``, as one annotation of the whole query.
+
+    The parts must be the chunks of this query with the same model and settings; they may be
+    given in any order, but together they must cover every cell exactly once. The result
+    equals a run of :func:`annotate_file` without chunks (energy figures are pooled over the
+    chunks' cells).
+    """
+    from .io import H5adRows, write_annotations
+
+    if not parts:
+        raise InputError("no chunk files to gather")
+    loaded = []
+    for path in parts:
+        a = read_h5ad(path, allow_empty=True)
+        info = a.uns.get(key_added, {})
+        if "chunk" not in info:
+            raise InputError(f"{path} is not a chunk of an annotation with key '{key_added}' "
+                             "(made by scsnn annotate --chunk I/N)")
+        loaded.append(a)
+    loaded.sort(key=lambda a: int(a.uns[key_added]["chunk"]["start"]))
+    first = loaded[0].uns[key_added]
+    with H5adRows(query) as rows:
+        obs_names = rows.obs_names
+    n_total = len(obs_names)
+    pos = 0
+    for a in loaded:
+        info = a.uns[key_added]
+        ch = info["chunk"]
+        if int(ch["n_obs_total"]) != n_total:
+            raise InputError(f"a chunk was made from a query of {int(ch['n_obs_total'])} cells, "
+                             f"not of this one ({n_total})")
+        if str(info["model"]) != str(first["model"]) or dict(info["params"]) != dict(
+                first["params"]):
+            raise InputError("the chunks were annotated with different models or settings")
+        if int(ch["start"]) != pos:
+            raise InputError(f"chunks do not cover the query: cells {pos}-{int(ch['start'])} "
+                             "are missing or given twice")
+        stop = int(ch["stop"])
+        if not a.obs_names.equals(obs_names[pos:stop]):
+            raise InputError(f"cells {pos}-{stop} of a chunk do not match the query's cells")
+        pos = stop
+    if pos != n_total:
+        raise InputError(f"chunks do not cover the query: cells {pos}-{n_total} are missing")
+    obs_keys = [k for k in (key_added, f"{key_added}_confidence", f"{key_added}_decision_step")
+                if k in loaded[0].obs.columns]
+    obs = {}
+    for k in obs_keys:
+        values = pd.concat([a.obs[k] for a in loaded], ignore_index=True)
+        if k == key_added:
+            values = pd.Categorical(values.astype(object),
+                                    categories=loaded[0].obs[k].cat.categories)
+        obs[k] = np.asarray(values) if k != key_added else values
+    obsm = {}
+    for k in loaded[0].obsm.keys():
+        vals = [a.obsm[k] for a in loaded]
+        if isinstance(vals[0], pd.DataFrame):
+            df = pd.concat(vals)
+            df.index = obs_names
+            obsm[k] = df
+        else:
+            obsm[k] = np.concatenate([np.asarray(v) for v in vals])
+    uns = _pool_uns([a.uns[key_added] for a in loaded])
+    write_annotations(query, output, obs=obs, obsm=obsm, uns={key_added: uns},
+                      drop_obs=() if f"{key_added}_decision_step" in obs
+                      else (f"{key_added}_decision_step",))
+    counts = pd.Series(np.asarray(obs[key_added])).value_counts()
+    return {"n_cells": n_total, "output": str(output), "n_chunks": len(loaded),
+            "labels": {str(k): int(v) for k, v in counts.items() if v > 0}}
+
+
+def _pool_uns(infos: list[dict[str, Any]]) -> dict[str, Any]:
+    """One ``uns[key]`` from those of chunks: per-cell figures averaged over all cells."""
+    out = {k: v for k, v in infos[0].items() if k != "chunk"}
+    counted = [i for i in infos if int(i["energy"].get("n_cells", 0)) > 0]
+    infos = counted or infos[:1]  # chunks without cells say nothing about energy
+    n = np.array([int(i["energy"].get("n_cells", 0)) for i in infos], dtype=np.float64)
+    total = n.sum()
+    w = n / total if total > 0 else np.full(len(infos), 1.0 / len(infos))
+    energy = dict(infos[0]["energy"])
+    for k in ("snn_pj_per_cell", "ann_pj_per_cell", "macs_per_cell", "sops_per_cell",
+              "input_spike_rate"):
+        if k in energy:
+            energy[k] = float(sum(wi * float(i["energy"][k]) for wi, i in zip(w, infos)))
+    if "spike_rate_per_layer" in energy and len(energy["spike_rate_per_layer"]):
+        rates = np.array([np.asarray(i["energy"]["spike_rate_per_layer"], dtype=np.float64)
+                          for i in infos])
+        energy["spike_rate_per_layer"] = (w[:, None] * rates).sum(0)
+    snn = float(energy.get("snn_pj_per_cell", 0.0))
+    if snn > 0:
+        energy["ratio_ann_over_snn"] = float(energy["ann_pj_per_cell"]) / snn
+    energy["n_cells"] = int(total)
+    out["energy"] = energy
+    latency = dict(infos[0]["latency"])
+    latency["mean_steps"] = float(sum(wi * float(i["latency"]["mean_steps"])
+                                      for wi, i in zip(w, infos)))
+    out["latency"] = latency
+    return out
 
 
 def label_summary(adata: ad.AnnData, key_added: str = "scsnn") -> pd.DataFrame:

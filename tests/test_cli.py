@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from conftest import DATA_DIR
 from typer.testing import CliRunner
 
 import scsnn
 from scsnn.cli import app
 from scsnn.errors import InputError
-
-from conftest import DATA_DIR
 
 runner = CliRunner()
 TRAIN_SMALL = ["--epochs", "4", "--hidden", "32,16", "--n-hvg", "200", "--device", "cpu"]
@@ -354,3 +353,76 @@ def test_cuda_requested_without_cuda(work, tmp_path):
     assert_clean_error(invoke("-q", "train", ref, "-l", "cell_type", "-o", tmp_path / "m",
                               "--epochs", "1", "--device", "cuda"), "no CUDA device")
     assert not (tmp_path / "m").exists()
+
+
+def test_chunked_annotate_gather_report_summarize(pbmc_model_dir, pbmc, tmp_path):
+    q = tmp_path / "q.h5ad"
+    pbmc.write_h5ad(q)
+    whole = tmp_path / "whole.h5ad"
+    r = invoke("annotate", q, "--model", pbmc_model_dir, "--output", whole, "--device", "cpu",
+               "--batch-size", "64", "--chunk-size", "128")
+    assert r.exit_code == 0, r.output
+    parts = []
+    for i in (1, 2, 3):
+        p = tmp_path / f"part{i}.h5ad"
+        r = invoke("annotate", q, "--model", pbmc_model_dir, "--output", p, "--device", "cpu",
+                   "--batch-size", "64", "--chunk", f"{i}/3")
+        assert r.exit_code == 0, r.output
+        assert f"(chunk {i}/3)" in r.stdout
+        parts.append(p)
+    gathered = tmp_path / "gathered.h5ad"
+    r = invoke("gather", q, *parts, "--output", gathered)
+    assert r.exit_code == 0, r.output
+    a, b = ad.read_h5ad(whole), ad.read_h5ad(gathered)
+    assert a.obs["scsnn"].equals(b.obs["scsnn"])
+    np.testing.assert_array_equal(a.obsm["scsnn_probabilities"], b.obsm["scsnn_probabilities"])
+    r = invoke("report", gathered, "--out", tmp_path / "rep", "--truth-key", "cell_type",
+               "--sample", "pbmc")
+    assert r.exit_code == 0, r.output
+    assert "pbmc: 700 cells, macro-F1" in r.stdout
+    r = invoke("summarize", tmp_path / "rep", "--out", tmp_path / "sum")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "sum/summary.md").is_file()
+
+
+def test_chunk_option_errors(pbmc_model_dir, pbmc, tmp_path):
+    q = tmp_path / "q.h5ad"
+    pbmc.write_h5ad(q)
+    r = invoke("annotate", q, "--model", pbmc_model_dir, "--chunk", "1/2")
+    assert r.exit_code == 2 and "--output" in r.output
+    for bad in ("0/2", "3/2", "x/2", "2"):
+        r = invoke("annotate", q, "--model", pbmc_model_dir, "--chunk", bad, "--output",
+                   tmp_path / "o.h5ad")
+        assert r.exit_code == 2, (bad, r.output)
+    r = invoke("gather", q, q, "--output", tmp_path / "g.h5ad")
+    assert_clean_error(r, "not a chunk")
+
+
+def test_subset_and_dataset_commands(tmp_path, synth):
+    src = tmp_path / "s.h5ad"
+    synth.write_h5ad(src)
+    r = invoke("subset", src, "--obs", "cell_type=type_0,type_1", "--output", tmp_path / "o.h5ad")
+    assert r.exit_code == 0, r.output
+    assert set(ad.read_h5ad(tmp_path / "o.h5ad").obs["cell_type"]) == {"type_0", "type_1"}
+    r = invoke("subset", src, "--obs", "cell_type", "--output", tmp_path / "o.h5ad")
+    assert r.exit_code == 2
+    r = invoke("subset", src, "--obs", "cell_type=nope", "--output", tmp_path / "o.h5ad")
+    assert_clean_error(r, "no value nope")
+    r = invoke("dataset", "pbmc68k_reduced", "--out", tmp_path / "demo")
+    assert r.exit_code == 0, r.output
+    ref, query = (ad.read_h5ad(tmp_path / "demo" / f) for f in ("reference.h5ad", "query.h5ad"))
+    assert ref.n_obs + query.n_obs == 700 and not set(ref.obs_names) & set(query.obs_names)
+    r = invoke("dataset", "synthetic", "--out", tmp_path / "syn", "--n-cells", "200",
+               "--n-query", "100", "--n-genes", "300", "--n-types", "4")
+    assert r.exit_code == 0, r.output
+    assert ad.read_h5ad(tmp_path / "syn/query.h5ad").shape == (100, 300)
+    r = invoke("dataset", "mnist", "--out", tmp_path / "x")
+    assert_clean_error(r, "unknown dataset")
+
+
+def test_threads_option(pbmc_model_dir, pbmc, tmp_path):
+    q = tmp_path / "q.h5ad"
+    pbmc.write_h5ad(q)
+    r = invoke("--threads", "1", "annotate", q, "--model", pbmc_model_dir, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert torch.get_num_threads() == 1
