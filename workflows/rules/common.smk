@@ -1,0 +1,140 @@
+# Helpers shared by the rules: configuration lookups and the file layout.
+
+import shlex
+
+DEFAULTS = {
+    "train": {
+        "seed": 0, "epochs": 40, "neuron": "hifi", "encoder": "direct", "timesteps": 4,
+        "hidden": "512,128", "device": "auto", "threads": 4, "mem_mb": 8000,
+        "runtime": 120, "extra": "",
+    },
+    "annotate": {
+        "key_added": "scsnn", "min_confidence": 0.0, "early_exit": None, "batch_size": 1024,
+        "chunk_size": 65536, "chunks": 1, "device": "cpu", "threads": 2, "mem_mb": 4000,
+        "runtime": 60,
+    },
+    "report": {"rare_threshold": 0.03, "restrict_to_model_classes": False},
+}
+
+OUT = config.get("outdir", "results")
+SAMPLES = list(config["queries"])
+
+
+def setting(section, key):
+    """A value of the configuration, or its documented default."""
+    value = (config.get(section) or {}).get(key)
+    return DEFAULTS[section][key] if value is None else value
+
+
+def query(sample):
+    return config["queries"][sample]
+
+
+def n_chunks(sample):
+    return int(query(sample).get("chunks") or setting("annotate", "chunks"))
+
+
+def names_regex(names):
+    """A wildcard constraint matching exactly these names (nothing when empty)."""
+    return "|".join(re.escape(n) for n in names) if names else "(?!x)x"
+
+
+CHUNKED = [s for s in SAMPLES if n_chunks(s) > 1]
+WHOLE = [s for s in SAMPLES if n_chunks(s) == 1]
+
+
+def input_options(entry):
+    """--layer / --use-raw / --gene-symbols of a reference or query entry."""
+    opts = []
+    if entry.get("layer"):
+        opts += ["--layer", entry["layer"]]
+    if entry.get("use_raw"):
+        opts.append("--use-raw")
+    if entry.get("gene_symbols"):
+        opts += ["--gene-symbols", entry["gene_symbols"]]
+    return shlex.join(opts)
+
+
+def subset_options(entry):
+    return shlex.join(
+        f"--obs={col}={','.join(str(v) for v in values)}"
+        for col, values in entry["subset"].items()
+    )
+
+
+def reference_file():
+    ref = config["reference"]
+    return f"{OUT}/inputs/reference.h5ad" if ref.get("subset") else ref["path"]
+
+
+def query_file(sample):
+    q = query(sample)
+    return f"{OUT}/inputs/{sample}.h5ad" if q.get("subset") else q["path"]
+
+
+def subset_source(wildcards):
+    if wildcards.name == "reference":
+        return config["reference"]["path"]
+    return query(wildcards.name)["path"]
+
+
+def subset_entry(wildcards):
+    return config["reference"] if wildcards.name == "reference" else query(wildcards.name)
+
+
+def model_dir():
+    return config.get("model") or f"{OUT}/model"
+
+
+def annotate_options(sample):
+    opts = [
+        "--key-added", setting("annotate", "key_added"),
+        "--min-confidence", str(setting("annotate", "min_confidence")),
+        "--batch-size", str(setting("annotate", "batch_size")),
+        "--chunk-size", str(setting("annotate", "chunk_size")),
+        "--device", setting("annotate", "device"),
+    ]
+    if setting("annotate", "early_exit") is not None:
+        opts += ["--early-exit", str(setting("annotate", "early_exit"))]
+    return f"{shlex.join(opts)} {input_options(query(sample))}"
+
+
+def report_options(wildcards):
+    truth = query(wildcards.sample).get("truth_key")
+    opts = [
+        "--sample", wildcards.sample,
+        "--key-added", setting("annotate", "key_added"),
+        "--rare-threshold", str(setting("report", "rare_threshold")),
+    ]
+    if truth:
+        opts += ["--truth-key", truth]
+    if setting("report", "restrict_to_model_classes"):
+        opts.append("--restrict-to-model-classes")
+    return shlex.join(opts)
+
+
+def chunk_files(wildcards):
+    n = n_chunks(wildcards.sample)
+    return [f"{OUT}/chunks/{wildcards.sample}/{i}-of-{n}.h5ad" for i in range(1, n + 1)]
+
+
+def final_outputs():
+    return [
+        *(f"{OUT}/annotated/{s}.h5ad" for s in SAMPLES),
+        *(f"{OUT}/reports/{s}/report.md" for s in SAMPLES),
+        f"{OUT}/summary/summary.md",
+        f"{OUT}/summary/summary.tsv",
+    ]
+
+
+def train_options():
+    opts = [
+        "--seed", str(setting("train", "seed")),
+        "--epochs", str(setting("train", "epochs")),
+        "--neuron", setting("train", "neuron"),
+        "--encoder", setting("train", "encoder"),
+        "--timesteps", str(setting("train", "timesteps")),
+        "--hidden", str(setting("train", "hidden")),
+        "--device", setting("train", "device"),
+    ]
+    return f"{shlex.join(opts)} {input_options(config['reference'])}"

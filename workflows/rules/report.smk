@@ -1,0 +1,36 @@
+# Per-sample reports (tables, plots, evaluation where a truth key is given) and one summary.
+
+
+rule report:
+    input:
+        f"{OUT}/annotated/{{sample}}.h5ad",
+    output:
+        md=f"{OUT}/reports/{{sample}}/report.md",
+        json=f"{OUT}/reports/{{sample}}/report.json",
+        labels=f"{OUT}/reports/{{sample}}/labels.csv",
+    params:
+        options=report_options,
+        outdir=lambda wildcards, output: Path(output.json).parent,
+    log:
+        f"{OUT}/logs/report/{{sample}}.log",
+    conda:
+        "../envs/scsnn.yaml"
+    shell:
+        "scsnn report {input:q} --out {params.outdir:q} {params.options} > {log:q} 2>&1"
+
+
+rule summary:
+    input:
+        expand(f"{OUT}/reports/{{sample}}/report.json", sample=SAMPLES),
+    output:
+        md=f"{OUT}/summary/summary.md",
+        tsv=f"{OUT}/summary/summary.tsv",
+    params:
+        reports=lambda wildcards, input: [str(Path(p).parent) for p in input],
+        outdir=lambda wildcards, output: Path(output.tsv).parent,
+    log:
+        f"{OUT}/logs/summary.log",
+    conda:
+        "../envs/scsnn.yaml"
+    shell:
+        "scsnn summarize {params.reports:q} --out {params.outdir:q} > {log:q} 2>&1"
