@@ -68,6 +68,35 @@ class NetworkConfig:
         return cls(**known)
 
 
+class Dropout(nn.Module):
+    """Inverted dropout whose mask comes from 8-bit random numbers.
+
+    The same regularisation as :class:`torch.nn.Dropout` (the drop probability is rounded to
+    a multiple of 1/256), at a fraction of its cost on the CPU, where drawing one float per
+    element made dropout a quarter of the training time.
+    """
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = float(p)
+        self._cut = round(self.p * 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self._cut == 0:
+            return x
+        n = x.numel()
+        # one 64-bit draw gives 8 independent uniform bytes
+        r = torch.empty(-(-n // 8), dtype=torch.int64, device=x.device)
+        r = r.random_(-(2**63), 2**63 - 1).view(torch.uint8)[:n].view(x.shape)
+        keep = (r >= self._cut).to(x.dtype).mul_(256.0 / (256 - self._cut))
+        return x * keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class SpikingClassifier(nn.Module):
     """Linear layers with spiking neurons between them; the class scores are the output
     layer's potential accumulated over the T steps.
@@ -80,7 +109,7 @@ class SpikingClassifier(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = make_encoder(cfg.encoder, cfg.timesteps, cfg.clip)
-        self.input_dropout = nn.Dropout(cfg.input_dropout)
+        self.input_dropout = Dropout(cfg.input_dropout)
         sizes = [cfg.n_genes, *cfg.hidden]
         self.fcs = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         self.norms = nn.ModuleList(nn.BatchNorm1d(b) for b in sizes[1:])
@@ -88,7 +117,7 @@ class SpikingClassifier(nn.Module):
             make_neuron(cfg.neuron, b, online=cfg.online, autapse=cfg.autapse, generator=generator)
             for b in sizes[1:]
         )
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.head = nn.Linear(sizes[-1], cfg.n_classes)
         #: when set, every forward pass adds its cells and spikes to it
         self.counter: SpikeCounter | None = None
@@ -148,9 +177,9 @@ class ANNClassifier(nn.Module):
         super().__init__()
         self.cfg = cfg
         sizes = [cfg.n_genes, *cfg.hidden]
-        layers: list[nn.Module] = [nn.Dropout(cfg.input_dropout)]
+        layers: list[nn.Module] = [Dropout(cfg.input_dropout)]
         for a, b in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(), nn.Dropout(cfg.dropout)]
+            layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(), Dropout(cfg.dropout)]
         layers.append(nn.Linear(sizes[-1], cfg.n_classes))
         self.net = nn.Sequential(*layers)
 

@@ -49,6 +49,7 @@ class TrainConfig:
     epochs: int = 40
     batch_size: int | None = None
     min_samples_per_epoch: int = 4096
+    max_samples_per_epoch: int = 32_768
     max_samples: int = 1_000_000
     refit_epochs: int = 2
     lr: float = 2e-3
@@ -248,7 +249,10 @@ class BiLevelTrainer:
         p_train = self._sampling_weights(ytr)
         # small references get enough updates per epoch; large ones one pass per epoch, and
         # no more than max_samples draws in all
-        n_per_epoch = max(len(ytr), cfg.min_samples_per_epoch)
+        # (an epoch is a round of class-tempered draws, validated at its end: capped at
+        # max_samples_per_epoch so that large references are checked, and stop, early)
+        n_per_epoch = int(np.clip(len(ytr), cfg.min_samples_per_epoch,
+                                  max(cfg.max_samples_per_epoch, cfg.min_samples_per_epoch)))
         n_epochs = max(1, min(cfg.epochs, cfg.max_samples // n_per_epoch))
         batch_size = cfg.batch_size or auto_batch_size(len(ytr))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_w, T_max=n_epochs)
