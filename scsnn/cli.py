@@ -179,6 +179,10 @@ def train(
         help="Online gradients (state detached between steps) instead of full BPTT.")] = False,
     min_cells_per_class: Annotated[int, typer.Option(min=1,
                                    help="Drop classes with fewer labelled cells.")] = 1,
+    max_cells: Annotated[int | None, typer.Option(
+        min=2, help="Train on at most this many cells, read from the file as a class-balanced "
+        "sample (small classes whole): memory stays bounded for atlas-sized references.")]
+    = None,
     layer: LayerOpt = None,
     use_raw: RawOpt = False,
     gene_symbols: SymbolsOpt = None,
@@ -192,7 +196,12 @@ def train(
     if not distributed.is_main_process():  # under torchrun only rank 0 logs and saves
         log.setLevel(logging.ERROR)
 
-    adata = read_h5ad(reference)
+    if max_cells is not None:
+        from .io import read_h5ad_sample
+
+        adata = read_h5ad_sample(reference, label_key, max_cells, seed=seed)
+    else:
+        adata = read_h5ad(reference)
     model = tl.train(
         adata, label_key, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, seed=seed,
         encoder=encoder.value, timesteps=timesteps, epochs=epochs, neuron=neuron.value,
@@ -201,6 +210,8 @@ def train(
         min_cells_per_class=min_cells_per_class, device=device.value,
     )
     model.settings["reference"] = str(reference)
+    if max_cells is not None:
+        model.settings["max_cells"] = int(max_cells)
     if not distributed.is_main_process():
         return
     model.save(out)

@@ -434,3 +434,45 @@ def subset_h5ad(src: str | os.PathLike, dst: str | os.PathLike,
         adata.file.close()
     write_h5ad_atomic(sub, dst)
     return int(sub.n_obs)
+
+
+def balanced_quota(counts: np.ndarray, total: int) -> np.ndarray:
+    """Cells to keep per class so that at most ``total`` are kept: classes below a common cap
+    are kept whole, the larger ones cut to that cap (water filling)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.sum() <= total:
+        return counts.copy()
+    lo, hi = 0, int(counts.max())
+    while lo < hi:  # the largest cap whose kept total fits
+        mid = (lo + hi + 1) // 2
+        if np.minimum(counts, mid).sum() <= total:
+            lo = mid
+        else:
+            hi = mid - 1
+    return np.minimum(counts, lo)
+
+
+def read_h5ad_sample(path: str | os.PathLike, label_key: str, max_cells: int, *,
+                     seed: int = 0) -> ad.AnnData:
+    """At most ``max_cells`` cells of an ``.h5ad`` file, class-balanced, read without loading
+    the rest: every cell of the small classes, an equal random share of the large ones.
+    Cells without a label are left out. The file order of the cells is kept."""
+    adata = read_h5ad(path, backed=True)
+    try:
+        labels = get_labels(adata, label_key)
+        known = labels.notna().to_numpy()
+        codes, uniques = pd.factorize(labels[known])
+        idx_known = np.flatnonzero(known)
+        quota = balanced_quota(np.bincount(codes, minlength=len(uniques)), max_cells)
+        rng = np.random.default_rng(seed)
+        keep = []
+        for c, q in enumerate(quota):
+            members = idx_known[codes == c]
+            keep.append(members if q >= len(members) else rng.choice(members, q, replace=False))
+        rows = np.sort(np.concatenate(keep))
+        logger.info("training on %d of %d cells (class-balanced sample; classes under %d cells "
+                    "kept whole)", len(rows), adata.n_obs, int(quota.max()))
+        sub = adata[rows].to_memory()
+    finally:
+        adata.file.close()
+    return sub

@@ -426,3 +426,15 @@ def test_threads_option(pbmc_model_dir, pbmc, tmp_path):
     r = invoke("--threads", "1", "annotate", q, "--model", pbmc_model_dir, "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert torch.get_num_threads() == 1
+
+
+def test_train_max_cells_reads_a_balanced_sample(tmp_path, synth):
+    src = tmp_path / "s.h5ad"
+    synth.write_h5ad(src)
+    r = invoke("train", src, "--label-key", "cell_type", "--out", tmp_path / "m",
+               "--max-cells", "120", *TRAIN_SMALL)
+    assert r.exit_code == 0, r.output
+    m = scsnn.ScsnnModel.load(tmp_path / "m")
+    assert sum(m.metrics["class_counts"].values()) <= 120
+    assert m.settings["max_cells"] == 120
+    assert len(m.classes) == synth.obs["cell_type"].nunique()

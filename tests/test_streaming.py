@@ -238,3 +238,33 @@ def test_subset_h5ad(tmp_path, synth):
         subset_h5ad(src, out, {"cell_type": ["type_9"]})
     with pytest.raises(InputError, match="obs column 'donor' not found"):
         subset_h5ad(src, out, {"donor": ["a"]})
+
+
+def test_balanced_quota():
+    from scsnn.io import balanced_quota
+
+    assert list(balanced_quota(np.array([5, 100, 1000]), 2000)) == [5, 100, 1000]
+    q = balanced_quota(np.array([5, 100, 1000]), 305)
+    assert list(q) == [5, 100, 200] and q.sum() <= 305
+    q = balanced_quota(np.array([50, 60, 70]), 90)
+    assert q.sum() <= 90 and q.max() - q.min() == 0
+
+
+def test_read_h5ad_sample_keeps_rare_classes_whole(tmp_path, synth):
+    from scsnn.io import read_h5ad_sample
+
+    p = tmp_path / "s.h5ad"
+    synth.write_h5ad(p)
+    counts = synth.obs["cell_type"].value_counts()
+    sub = read_h5ad_sample(p, "cell_type", 100, seed=0)
+    assert sub.n_obs <= 100
+    got = sub.obs["cell_type"].value_counts()
+    rare = counts.idxmin()
+    assert got[rare] == counts[rare]  # 9 rare cells, all kept
+    assert got.drop(rare).max() - got.drop(rare).min() <= 1
+    assert (sub.X != synth[sub.obs_names].X).nnz == 0
+    assert list(sub.obs_names) == [n for n in synth.obs_names if n in set(sub.obs_names)]
+    again = read_h5ad_sample(p, "cell_type", 100, seed=0)
+    assert again.obs_names.equals(sub.obs_names)
+    with pytest.raises(InputError, match="label key"):
+        read_h5ad_sample(p, "nope", 100)
