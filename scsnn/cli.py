@@ -124,8 +124,10 @@ def main_callback(
     if threads is not None:
         import os
 
-        # before numpy/torch load their thread pools
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        # torch's pool is set below; the variables reach the pools started later (numba's,
+        # and those of any child process)
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "NUMBA_NUM_THREADS"):
             os.environ[var] = str(threads)
         import torch
 
