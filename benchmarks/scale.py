@@ -10,7 +10,8 @@ own process so that peak resident memory belongs to one step (times exclude Pyth
 and imports, for both tools; reading the input file is included):
 
 - scsnn train (`scsnn.tl.train` on the file read into memory; with --max-train-cells a
-  class-balanced sample of at most that many cells is read from the file instead), then save,
+  class-balanced sample of at most that many cells is read from the file instead; with
+  --stream-train 1 every mini-batch is read from the file, `scsnn train --stream`), then save,
 - scsnn annotate (`scsnn.tl.annotate_file`, what `scsnn annotate` runs: the query is read in
   blocks of 65,536 cells and the predictions written into a copy of the file),
 - CellTypist train (SGD mini-batch: `celltypist.train(..., use_SGD=True, mini_batch=True)`)
@@ -67,12 +68,14 @@ def step_scsnn_train(a: argparse.Namespace) -> dict:
 
     torch.set_num_threads(a.threads)
     t = time.perf_counter()
-    if a.max_train_cells:
+    if a.stream_train:
+        ref = read_h5ad_sample(a.ref, "cell_type", a.max_train_cells or 50_000, seed=0)
+    elif a.max_train_cells:
         ref = read_h5ad_sample(a.ref, "cell_type", a.max_train_cells, seed=0)
     else:
         ref = scsnn.read_h5ad(a.ref)
     model = scsnn.tl.train(ref, "cell_type", seed=0, timesteps=a.t, device="cpu",
-                           progress=False)
+                           progress=False, stream_from=a.ref if a.stream_train else None)
     model.save(a.model)
     wall = time.perf_counter() - t
     return {"seconds": wall, "peak_rss_mb": _peak_mb(), "cells": int(ref.n_obs),
@@ -138,8 +141,8 @@ def run_step(python: str, step: str, **kw) -> dict:
     for k, v in kw.items():
         if v is not None:
             args += [f"--{k.replace('_', '-')}", str(v)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(kw.get("threads", 2)),
-               PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, OMP_NUM_THREADS=str(kw.get("threads", 2)), PYTHONPATH=path)
     t = time.perf_counter()
     r = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
     if r.returncode != 0:
@@ -161,14 +164,20 @@ def markdown(rows: list[dict]) -> str:
             tr, an = r.get(f"{m}_train", {}), r.get(f"{m}_annotate", {})
             if not tr and not an:
                 continue
+            name = m
+            if m == "scsnn" and r.get("stream_train"):
+                name = "scsnn (--stream)"
+            elif m == "scsnn" and r.get("max_train_cells"):
+                name = f"scsnn (--max-cells {r['max_train_cells']})"
             if "error" in tr or "error" in an:
                 why = tr.get("error") or an.get("error")
-                lines.append(f"| {r['n']} | {r['t'] if m == 'scsnn' else ''} | {m} | "
+                lines.append(f"| {r['n']} | {r['t'] if m == 'scsnn' else ''} | {name} | "
                              f"not run: {why} | | | | | |")
                 continue
             cps = r["n_query"] / an["seconds"] if an else None
             lines.append(
-                f"| {r['n']} | {r['t'] if m == 'scsnn' else ''} | {m} | {_fmt(tr.get('seconds'))} "
+                f"| {r['n']} | {r['t'] if m == 'scsnn' else ''} | {name} | "
+                f"{_fmt(tr.get('seconds'))} "
                 f"| {_fmt(tr.get('peak_rss_mb'), '.0f')} | {_fmt(cps, '.0f')} | "
                 f"{_fmt(an.get('peak_rss_mb'), '.0f')} | {_fmt(an.get('macro_f1'), '.3f')} | "
                 f"{_fmt(an.get('rare_recall'), '.3f')} |")
@@ -186,6 +195,10 @@ def main() -> None:
     ap.add_argument("--t", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-train-cells", type=int, default=None)
+    ap.add_argument("--stream-train", type=int, default=0,
+                    help="1: draw the training mini-batches from the file on disk "
+                    "(`scsnn train --stream`; gene space fitted on --max-train-cells, "
+                    "default 50,000)")
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--query-cells", type=int, default=None,
                     help="query size (default: N, the reference size)")
@@ -228,7 +241,9 @@ def main() -> None:
                    "max_train_cells": a.max_train_cells}
             row["scsnn_train"] = run_step(sys.executable, "scsnn-train", ref=ref, model=model,
                                           t=t_steps, threads=a.threads,
-                                          max_train_cells=a.max_train_cells)
+                                          max_train_cells=a.max_train_cells,
+                                          stream_train=a.stream_train or None)
+            row["stream_train"] = bool(a.stream_train)
             row["scsnn_annotate"] = (
                 run_step(sys.executable, "scsnn-annotate", query=query, model=model, work=d,
                          t=t_steps, threads=a.threads)

@@ -52,7 +52,8 @@ def in_memory(query: str, model: str, out: str, slice_cells: int) -> dict:
         labels.append(part.obs["scsnn"].astype(str).to_numpy())
         proba.append(part.obsm["scsnn_probabilities"].to_numpy())
     np.savez(out, labels=np.concatenate(labels), proba=np.concatenate(proba))
-    return {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_mb(), "slices": -(-n // slice_cells)}
+    return {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_mb(),
+            "slices": -(-n // slice_cells)}
 
 
 def main() -> None:

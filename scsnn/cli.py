@@ -185,6 +185,10 @@ def train(
         min=2, help="Train on at most this many cells, read from the file as a class-balanced "
         "sample (small classes whole): memory stays bounded for atlas-sized references.")]
     = None,
+    stream: Annotated[bool, typer.Option(
+        "--stream", help="Read the training mini-batches from the file on disk (every labelled "
+        "cell can be drawn; memory holds a batch). The gene space is fitted on a "
+        "class-balanced sample of --max-cells cells (default 50,000).")] = False,
     layer: LayerOpt = None,
     use_raw: RawOpt = False,
     gene_symbols: SymbolsOpt = None,
@@ -198,10 +202,11 @@ def train(
     if not distributed.is_main_process():  # under torchrun only rank 0 logs and saves
         log.setLevel(logging.ERROR)
 
-    if max_cells is not None:
+    if stream or max_cells is not None:
         from .io import read_h5ad_sample
 
-        adata = read_h5ad_sample(reference, label_key, max_cells, seed=seed)
+        sample = max_cells if max_cells is not None else 50_000
+        adata = read_h5ad_sample(reference, label_key, sample, seed=seed)
     else:
         adata = read_h5ad(reference)
     model = tl.train(
@@ -210,6 +215,7 @@ def train(
         hidden=sizes, n_hvg=n_hvg, n_markers=n_markers, class_balance=class_balance,
         bilevel=bilevel, autapse=autapse, smoothness=smoothness, online=online,
         min_cells_per_class=min_cells_per_class, device=device.value,
+        stream_from=reference if stream else None,
     )
     model.settings["reference"] = str(reference)
     if max_cells is not None:

@@ -286,6 +286,12 @@ class H5adRows:
         check_values(X)
         return X
 
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        """The cells at the sorted, distinct positions ``rows``, as CSR float32 (checked)."""
+        X = _as_csr32(self._mat[np.asarray(rows, dtype=np.int64)])
+        check_values(X)
+        return X
+
     def expression(self, start: int, stop: int, kind: str) -> Expression:
         """Rows ``start:stop`` as an :class:`Expression` of the given kind."""
         return Expression(X=self.block(start, stop), genes=self.genes, kind=kind,

@@ -22,7 +22,7 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from .errors import InputError
-from .io import Expression, match_genes
+from .io import Expression, H5adRows, match_genes
 
 logger = logging.getLogger("scsnn")
 
@@ -264,3 +264,49 @@ def fit_gene_space(
         "raw counts, normalised + log1p" if expr.kind == "counts" else "log-normalised as given",
     )
     return gs, Xsel
+
+
+class ProjectedRows:
+    """Cells of an ``.h5ad`` file on disk, read on demand and projected into a gene space.
+
+    Stands in for the in-memory reference matrix during training: ``rows[idx]`` is a lazy
+    view of a subset, and :meth:`take_rows` reads the given cells (any order, repeats
+    allowed) from the file, log-normalises them and keeps the model's genes. Memory holds
+    one mini-batch, never the reference.
+    """
+
+    def __init__(self, source: H5adRows, gene_space: GeneSpace, kind: str,
+                 rows: np.ndarray | None = None) -> None:
+        self._src = source
+        self._gs = gene_space
+        self._kind = kind
+        self._rows = (np.arange(source.n_obs) if rows is None
+                      else np.asarray(rows, dtype=np.int64))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self._rows), self._gs.n_genes)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, key: slice | np.ndarray) -> ProjectedRows:
+        return ProjectedRows(self._src, self._gs, self._kind, self._rows[key])
+
+    def take_rows(self, idx: np.ndarray) -> sp.csr_matrix:
+        """The projected cells ``idx`` (positions in this view), in that order."""
+        file_rows = self._rows[np.asarray(idx, dtype=np.int64)]
+        uniq, inverse = np.unique(file_rows, return_inverse=True)
+        X = self._src.read_rows(uniq)
+        expr = Expression(X=X, genes=self._src.genes, kind=self._kind, source=self._src.source)
+        proj, _ = self._gs.project(expr)
+        return proj[inverse]
+
+    def digest(self) -> str:
+        """Identifies the cells (file, layout and rows) for checks across processes."""
+        import hashlib
+
+        h = hashlib.sha256(str(self._src.path.resolve()).encode())
+        h.update(repr((self._src.n_obs, self._src.n_vars, self._kind)).encode())
+        h.update(self._rows.tobytes())
+        return h.hexdigest()

@@ -70,6 +70,7 @@ def train(
     seed: int = 0,
     device: str = "auto",
     progress: bool | None = None,
+    stream_from: str | os.PathLike | None = None,
 ) -> ScsnnModel:
     """Train a spiking cell-type classifier on a labelled reference.
 
@@ -111,6 +112,12 @@ def train(
         Classes with fewer labelled cells are dropped, with a message naming them.
     seed
         Same seed, same data, same model and predictions on the CPU.
+    stream_from
+        An ``.h5ad`` file to draw the training mini-batches from, cell by cell from disk,
+        so that a reference larger than memory trains on all its labelled cells. ``adata``
+        is then only the sample the gene space is fitted on (for instance
+        :func:`scsnn.io.read_h5ad_sample` of the same file); labels come from the file's
+        ``obs[label_key]``, restricted to the classes of the sample.
 
     Returns
     -------
@@ -167,6 +174,10 @@ def train(
             n_markers=int(n_markers),
             restrict_genes=list(genes) if genes is not None else None,
         )
+    source = None
+    if stream_from is not None:
+        source, Xsel, codes, counts = _stream_source(stream_from, label_key, classes, gs,
+                                                     expr.kind, layer, use_raw, gene_symbols)
     cfg = NetworkConfig(
         n_genes=gs.n_genes,
         n_classes=len(classes),
@@ -201,8 +212,13 @@ def train(
         progress=progress,
     )
     # under torchrun: join the process group, train data-parallel on this rank's device
-    with distributed.process_group(dev) as dev:
-        network, metrics = BiLevelTrainer(tcfg, dev).fit(network, Xsel, codes, gs, len(classes))
+    try:
+        with distributed.process_group(dev) as dev:
+            network, metrics = BiLevelTrainer(tcfg, dev).fit(network, Xsel, codes, gs,
+                                                             len(classes))
+    finally:
+        if source is not None:
+            source.close()
     network.to("cpu")
     metrics["class_counts"] = {c: int(counts[c]) for c in classes}
     metrics["unsplit_classes"] = [classes[i] for i in metrics["unsplit_classes"]]
@@ -215,6 +231,7 @@ def train(
         "n_markers": int(n_markers),
         "seed": seed,
         "device": str(dev),
+        "streamed_from": str(stream_from) if stream_from is not None else "",
         "train": tcfg.to_dict(),
     }
     model = ScsnnModel(gs, classes, network, cfg, settings=settings, metrics=metrics)
@@ -228,6 +245,38 @@ def train(
         "n/a" if metrics["val_macro_f1"] is None else f"{metrics['val_macro_f1']:.3f}",
     )
     return model
+
+
+def _stream_source(path, label_key, classes, gs, kind, layer, use_raw, gene_symbols):
+    """The labelled cells of ``path`` as a reference on disk for the trainer."""
+    from .io import H5adRows
+    from .pp import ProjectedRows
+
+    source = H5adRows(path, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols)
+    try:
+        labels = get_labels(ad.AnnData(obs=source.obs), label_key)
+        known = labels.notna().to_numpy()
+        labels = labels[known].astype(str)
+        missing = sorted(set(classes) - set(labels.unique()))
+        if missing:
+            raise InputError(f"{path} has no cell of class(es) {', '.join(missing)} of the "
+                             "gene-space sample")
+        in_model = labels.isin(classes).to_numpy()
+        if not in_model.all():
+            logger.warning("%d cells of %s have classes outside the model and are left out",
+                           int((~in_model).sum()), Path(path).name)
+        rows = np.flatnonzero(known)[in_model]
+        labels = labels[in_model]
+        code_of = {c: i for i, c in enumerate(classes)}
+        codes = labels.map(code_of).to_numpy().astype(np.int64)
+        file_kind = source.detect_kind()
+        if file_kind != kind:
+            raise InputError(f"{path} holds {file_kind} but the gene-space sample holds {kind}")
+    except BaseException:
+        source.close()
+        raise
+    logger.info("training mini-batches are read from %s (%d labelled cells)", path, len(rows))
+    return source, ProjectedRows(source, gs, kind, rows), codes, labels.value_counts()
 
 
 def _as_model(model: ScsnnModel | str | os.PathLike) -> ScsnnModel:

@@ -126,7 +126,9 @@ def laplacian_smoothness(network: nn.Module) -> torch.Tensor:
 
 
 def _batch(X: sp.csr_matrix, rows: np.ndarray, gs: GeneSpace, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(gs.scale(X[rows])).to(device)
+    # a reference on disk (scsnn.pp.ProjectedRows) reads the cells of the batch
+    block = X.take_rows(rows) if hasattr(X, "take_rows") else X[rows]
+    return torch.from_numpy(gs.scale(block)).to(device)
 
 
 def auto_batch_size(n_train: int) -> int:
@@ -154,7 +156,11 @@ def _data_digest(network: nn.Module, X: sp.csr_matrix, codes: np.ndarray, gs: Ge
     import hashlib
 
     h = hashlib.sha256()
-    h.update(repr((X.shape, X.nnz, float(np.asarray(X.data, dtype=np.float64).sum()))).encode())
+    if hasattr(X, "digest"):
+        h.update(X.digest().encode())
+    else:
+        h.update(repr((X.shape, X.nnz, float(np.asarray(X.data, dtype=np.float64).sum())))
+                 .encode())
     h.update(np.ascontiguousarray(codes, dtype=np.int64).tobytes())
     h.update("\0".join(gs.genes).encode())
     h.update(distributed.state_digest(network).encode())

@@ -438,3 +438,14 @@ def test_train_max_cells_reads_a_balanced_sample(tmp_path, synth):
     assert sum(m.metrics["class_counts"].values()) <= 120
     assert m.settings["max_cells"] == 120
     assert len(m.classes) == synth.obs["cell_type"].nunique()
+
+
+def test_train_stream_from_disk(tmp_path, synth):
+    src = tmp_path / "s.h5ad"
+    synth.write_h5ad(src)
+    r = invoke("train", src, "--label-key", "cell_type", "--out", tmp_path / "m", "--stream",
+               "--max-cells", "80", *TRAIN_SMALL)
+    assert r.exit_code == 0, r.output
+    m = scsnn.ScsnnModel.load(tmp_path / "m")
+    assert sum(m.metrics["class_counts"].values()) == synth.n_obs
+    assert m.settings["streamed_from"] == str(src)

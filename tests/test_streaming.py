@@ -268,3 +268,67 @@ def test_read_h5ad_sample_keeps_rare_classes_whole(tmp_path, synth):
     assert again.obs_names.equals(sub.obs_names)
     with pytest.raises(InputError, match="label key"):
         read_h5ad_sample(p, "nope", 100)
+
+
+def test_training_streamed_from_disk_equals_in_memory(tmp_path, synth):
+    """With the whole file as the gene-space sample, reading every mini-batch from disk
+    trains exactly the model that in-memory training gives."""
+    from conftest import SMALL
+
+    from scsnn.io import read_h5ad_sample
+
+    p = tmp_path / "ref.h5ad"
+    synth.write_h5ad(p)
+    sample = read_h5ad_sample(p, "cell_type", 10_000)
+    assert sample.n_obs == synth.n_obs
+    mem = scsnn.tl.train(sample, "cell_type", seed=0, **SMALL)
+    disk = scsnn.tl.train(sample, "cell_type", seed=0, stream_from=p, **SMALL)
+    assert disk.model_id == mem.model_id
+    assert disk.settings["streamed_from"] == str(p)
+
+
+def test_training_streamed_uses_every_labelled_cell(tmp_path, synth):
+    from conftest import SMALL
+
+    from scsnn.io import read_h5ad_sample
+
+    a = synth.copy()
+    a.obs["cell_type"] = a.obs["cell_type"].astype(object)
+    a.obs.iloc[:5, a.obs.columns.get_loc("cell_type")] = None  # unlabelled: left out
+    p = tmp_path / "ref.h5ad"
+    a.write_h5ad(p)
+    sample = read_h5ad_sample(p, "cell_type", 60)
+    m = scsnn.tl.train(sample, "cell_type", seed=0, stream_from=p, **SMALL)
+    assert sum(m.metrics["class_counts"].values()) == synth.n_obs - 5 > sample.n_obs
+    b = scsnn.tl.annotate(synth, m, device="cpu", copy=True)
+    assert (b.obs["scsnn"].astype(str) == synth.obs["cell_type"].astype(str)).mean() > 0.6
+
+
+def test_streamed_training_refuses_a_file_without_the_sample_classes(tmp_path, synth):
+    from conftest import SMALL
+
+    other = synth[synth.obs["cell_type"] != "type_0"].copy()
+    p = tmp_path / "other.h5ad"
+    other.write_h5ad(p)
+    with pytest.raises(InputError, match="no cell of class"):
+        scsnn.tl.train(synth, "cell_type", stream_from=p, **SMALL)
+
+
+def test_projected_rows_reads_any_order_with_repeats(tmp_path, synth, pbmc_model):
+    from scsnn.io import get_expression
+    from scsnn.pp import ProjectedRows
+
+    p = tmp_path / "s.h5ad"
+    synth.write_h5ad(p)
+    gs, _ = scsnn.pp.fit_gene_space(get_expression(synth),
+                                    synth.obs["cell_type"].cat.codes.to_numpy(),
+                                    list(synth.obs["cell_type"].cat.categories), n_hvg=50)
+    full, _ = gs.project(get_expression(synth))
+    with H5adRows(p) as src:
+        rows = ProjectedRows(src, gs, "counts")
+        assert rows.shape == (synth.n_obs, gs.n_genes)
+        view = rows[np.arange(100, 200)]
+        idx = np.array([5, 3, 5, 99, 0])
+        got = view.take_rows(idx)
+        assert (got != full[100 + idx]).nnz == 0
+        assert view.digest() != rows.digest()
