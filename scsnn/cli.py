@@ -1,4 +1,5 @@
-"""The ``scsnn`` command line: train, annotate, evaluate, demo.
+"""The ``scsnn`` command line: train, annotate (whole or in chunks), gather, evaluate, report,
+summarize, subset, dataset, benchmark, demo.
 
 Exit codes: 0 success, 1 data or runtime error (a one-line message; the traceback only with
 ``--debug``), 2 usage error.
