@@ -154,6 +154,11 @@ SymbolsOpt = Annotated[
     str | None, typer.Option("--gene-symbols", help="var column holding gene names to match on.")
 ]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to compute.")]
+UsedKeyOpt = Annotated[str, typer.Option(help="Prefix used at annotation.")]
+RareOpt = Annotated[float, typer.Option(min=0.0, max=1.0,
+                                        help="A class under this fraction of cells is rare.")]
+RestrictOpt = Annotated[bool, typer.Option(
+    help="Evaluate only cells whose true label is a model class.")]
 
 
 @app.command()
@@ -304,7 +309,7 @@ def gather(
     chunks: Annotated[list[Path], typer.Argument(help="Chunk files from 'scsnn annotate "
                                                       "--chunk I/N'.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Annotated .h5ad to write.")],
-    key_added: Annotated[str, typer.Option(help="Prefix used at annotation.")] = "scsnn",
+    key_added: UsedKeyOpt = "scsnn",
 ) -> None:
     """Put the predictions of annotated chunks into one copy of the query."""
     from . import tl
@@ -320,11 +325,9 @@ def evaluate(
     annotated: Annotated[Path, typer.Argument(help="Annotated .h5ad (from scsnn annotate).")],
     truth_key: Annotated[str, typer.Option("--truth-key", "-t", help="obs column of true labels.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.json and tables.")],
-    key_added: Annotated[str, typer.Option(help="Prefix used at annotation.")] = "scsnn",
-    rare_threshold: Annotated[float, typer.Option(min=0.0, max=1.0,
-                              help="A class under this fraction of cells is rare.")] = 0.03,
-    restrict_to_model_classes: Annotated[bool, typer.Option(
-        help="Only cells whose true label is a model class.")] = False,
+    key_added: UsedKeyOpt = "scsnn",
+    rare_threshold: RareOpt = 0.03,
+    restrict_to_model_classes: RestrictOpt = False,
 ) -> None:
     """Per-cell-type precision, recall and F1 of the predictions, rare types called out."""
     from .evaluate import evaluate as evaluate_predictions
@@ -347,11 +350,9 @@ def report(
         "--truth-key", "-t", help="obs column of true labels; adds the evaluation.")] = None,
     sample: Annotated[str | None, typer.Option(
         help="Name of the sample in the report (default: the folder name).")] = None,
-    key_added: Annotated[str, typer.Option(help="Prefix used at annotation.")] = "scsnn",
-    rare_threshold: Annotated[float, typer.Option(min=0.0, max=1.0,
-                              help="A class under this fraction of cells is rare.")] = 0.03,
-    restrict_to_model_classes: Annotated[bool, typer.Option(
-        help="Evaluate only cells whose true label is a model class.")] = False,
+    key_added: UsedKeyOpt = "scsnn",
+    rare_threshold: RareOpt = 0.03,
+    restrict_to_model_classes: RestrictOpt = False,
 ) -> None:
     """Tables, plots and report.md for one annotated sample (evaluation with --truth-key)."""
     from .report import read_annotations, sample_report

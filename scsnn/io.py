@@ -5,10 +5,11 @@ Nothing here knows about torch: this module only deals with AnnData and matrices
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,24 +46,38 @@ def read_h5ad(path: str | os.PathLike, *, backed: bool = False,
     return adata
 
 
-def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike) -> None:
-    """Write ``adata`` to ``path`` through a temporary file in the same folder and a rename.
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, mode_from: Path | None = None) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write; renamed over ``path`` when the block ends
+    without error, removed otherwise (the previous file stays untouched).
 
-    A crash or an error midway leaves the previous file untouched.
+    The new file takes the mode of ``path`` if it exists, else of ``mode_from``, else the
+    umask default.
     """
     p = Path(path)
     if p.is_dir():
         raise InputError(f"cannot write {p}: it is a directory")
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp.h5ad", dir=p.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp.h5ad", dir=p.parent)
     os.close(fd)
+    tmp = Path(name)
     try:
-        adata.write_h5ad(tmp, compression="gzip")
-        os.chmod(tmp, file_mode(p))
+        yield tmp
+        mode = file_mode(p if p.exists() or mode_from is None else mode_from)
+        os.chmod(tmp, mode)
         os.replace(tmp, p)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike) -> None:
+    """Write ``adata`` to ``path`` through a temporary file in the same folder and a rename.
+
+    A crash or an error midway leaves the previous file untouched.
+    """
+    with atomic_output(path) as tmp:
+        adata.write_h5ad(tmp, compression="gzip")
 
 
 @dataclass
@@ -224,7 +239,7 @@ class H5adRows:
             raise InputError(f"cannot read {p} as .h5ad: {type(exc).__name__}: {exc}") from None
         f = self._file
         try:
-            if "obs" not in f or "X" not in f and layer is None and not use_raw:
+            if "obs" not in f or ("X" not in f and layer is None and not use_raw):
                 raise InputError(f"cannot read {p} as .h5ad: no obs or X")
             if use_raw:
                 if "raw" not in f:
@@ -334,13 +349,8 @@ def write_annotations(
     import h5py
     from anndata.io import read_elem, write_elem
 
-    s, d = Path(src), Path(dst)
-    if d.is_dir():
-        raise InputError(f"cannot write {d}: it is a directory")
-    d.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{d.name}.", suffix=".tmp.h5ad", dir=d.parent)
-    os.close(fd)
-    try:
+    s = Path(src)
+    with atomic_output(dst, mode_from=s) as tmp:
         shutil.copyfile(s, tmp)
         with h5py.File(tmp, "r+") as f:
             df = read_elem(f["obs"])
@@ -362,11 +372,6 @@ def write_annotations(
                     if key in g:
                         del g[key]
                     write_elem(g, key, value)
-        os.chmod(tmp, file_mode(d if d.exists() else s))
-        os.replace(tmp, d)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_h5ad_blocks(
@@ -382,36 +387,26 @@ def write_h5ad_blocks(
     import h5py
     from anndata.io import sparse_dataset, write_elem
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp.h5ad", dir=p.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["encoding-type"] = "anndata"
-            f.attrs["encoding-version"] = "0.1.0"
-            ds = None
-            n = 0
-            for block in blocks:
-                block = sp.csr_matrix(block, dtype=np.float32)
-                if ds is None:
-                    write_elem(f, "X", block)
-                    ds = sparse_dataset(f["X"])
-                else:
-                    ds.append(block)
-                n += block.shape[0]
-            if ds is None or n != len(obs):
-                raise ValueError(f"blocks hold {n} rows, obs {len(obs)}")
-            write_elem(f, "obs", obs)
-            write_elem(f, "var", var)
-            write_elem(f, "uns", dict(uns or {}))
-            for group in ("obsm", "varm", "obsp", "varp", "layers"):
-                write_elem(f, group, {})
-        os.chmod(tmp, file_mode(p))
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["encoding-type"] = "anndata"
+        f.attrs["encoding-version"] = "0.1.0"
+        ds = None
+        n = 0
+        for block in blocks:
+            block = sp.csr_matrix(block, dtype=np.float32)
+            if ds is None:
+                write_elem(f, "X", block)
+                ds = sparse_dataset(f["X"])
+            else:
+                ds.append(block)
+            n += block.shape[0]
+        if ds is None or n != len(obs):
+            raise ValueError(f"blocks hold {n} rows, obs {len(obs)}")
+        write_elem(f, "obs", obs)
+        write_elem(f, "var", var)
+        write_elem(f, "uns", dict(uns or {}))
+        for group in ("obsm", "varm", "obsp", "varp", "layers"):
+            write_elem(f, group, {})
 
 
 def subset_h5ad(src: str | os.PathLike, dst: str | os.PathLike,

@@ -1,19 +1,16 @@
 # Helpers shared by the rules: configuration lookups and the file layout.
 
+import json
 import shlex
+from pathlib import Path
 
+# defaults of every setting, as the config schema states them (one source of truth)
+_SCHEMA = json.loads(
+    (Path(workflow.basedir) / "workflows/schemas/config.schema.json").read_text()
+)
 DEFAULTS = {
-    "train": {
-        "seed": 0, "epochs": 40, "neuron": "hifi", "encoder": "direct", "timesteps": 4,
-        "hidden": "512,128", "device": "auto", "threads": 4, "mem_mb": 8000,
-        "runtime": 120, "extra": "",
-    },
-    "annotate": {
-        "key_added": "scsnn", "min_confidence": 0.0, "early_exit": None, "batch_size": 1024,
-        "chunk_size": 65536, "chunks": 1, "device": "cpu", "threads": 2, "mem_mb": 4000,
-        "runtime": 60,
-    },
-    "report": {"rare_threshold": 0.03, "restrict_to_model_classes": False},
+    section: {k: v.get("default") for k, v in _SCHEMA["properties"][section]["properties"].items()}
+    for section in ("train", "annotate", "report")
 }
 
 OUT = config.get("outdir", "results")
