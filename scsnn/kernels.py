@@ -55,6 +55,7 @@ __all__ = [
     "fused_available",
     "hifi_multistep",
     "hifi_reference",
+    "hifi_step",
     "interpreter_enabled",
     "resolve_kernel",
     "triton_available",
@@ -118,6 +119,36 @@ def fused_available(x: torch.Tensor) -> bool:
 
 
 # -- the reference: the plain autograd loop ----------------------------------------------
+def hifi_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    s_prev: torch.Tensor,
+    k: torch.Tensor,
+    theta: torch.Tensor,
+    c: torch.Tensor,
+    gamma: torch.Tensor | None,
+    u: torch.Tensor | None,
+    *,
+    autapse: bool,
+    hard_reset: bool,
+    spike_fn: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the HIFI recurrence: the single definition that the neuron's plain loop
+    (:class:`scsnn.neurons.HIFINode`) and :func:`hifi_reference` both run, and that the
+    fused back ends reproduce.
+
+    Returns
+    -------
+    spike, v
+        ``s_t = spike_fn(h_t - theta)`` and the membrane after the reset.
+    """
+    drive = x - gamma * s_prev if autapse else x
+    h = F.leaky_relu((1.0 - k) * v + c * drive, _SLOPE)
+    spike = spike_fn(h - theta)
+    v = h * (1.0 - spike) + u * spike if hard_reset else h - theta * spike
+    return spike, v
+
+
 def hifi_reference(
     x_seq: torch.Tensor,
     v0: torch.Tensor,
@@ -133,11 +164,8 @@ def hifi_reference(
     online: bool,
     alpha: float = 2.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The HIFI recurrence as a plain PyTorch loop (autograd records every step).
-
-    The same operations, in the same order, as
-    :meth:`scsnn.neurons.HIFINode.multi_step_functional_forward` with the ATan surrogate.
-    Arguments and returns as in :func:`hifi_multistep`.
+    """The HIFI recurrence as a plain PyTorch loop of :func:`hifi_step` (autograd records
+    every step), with the ATan surrogate. Arguments and returns as in :func:`hifi_multistep`.
     """
     from spikingjelly.activation_based import surrogate
 
@@ -147,10 +175,8 @@ def hifi_reference(
     for t in range(x_seq.shape[0]):
         if online:
             v, s_prev = v.detach(), s_prev.detach()
-        drive = x_seq[t] - gamma * s_prev if autapse else x_seq[t]
-        h = F.leaky_relu((1.0 - k) * v + c * drive, _SLOPE)
-        s_prev = sg(h - theta)
-        v = h * (1.0 - s_prev) + u * s_prev if hard_reset else h - theta * s_prev
+        s_prev, v = hifi_step(x_seq[t], v, s_prev, k, theta, c, gamma, u, autapse=autapse,
+                              hard_reset=hard_reset, spike_fn=sg)
         spikes.append(s_prev)
     return torch.stack(spikes), v, s_prev
 

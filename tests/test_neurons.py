@@ -161,7 +161,7 @@ def test_hard_reset_goes_to_u():
     assert torch.allclose(node.v[0], torch.tensor([0.1, -0.2, 0.3, float(h_last)]))
 
 
-@pytest.mark.parametrize("kind", ["lif", "plif", "hifi"])
+@pytest.mark.parametrize("kind", ["lif", "plif", "hifi", "sj-lif", "sj-plif"])
 def test_factory(kind):
     layer = make_neuron(kind, 16)
     assert layer.step_mode == "m"
@@ -169,9 +169,76 @@ def test_factory(kind):
     assert s.shape == (5, 3, 16)
     assert set(torch.unique(s).tolist()) <= {0.0, 1.0}
     assert s.sum() > 0
-    expected = {"lif": sj_neuron.LIFNode, "plif": sj_neuron.ParametricLIFNode,
-                "hifi": HIFINode}[kind]
+    expected = {"lif": HIFINode, "plif": HIFINode, "hifi": HIFINode,
+                "sj-lif": sj_neuron.LIFNode, "sj-plif": sj_neuron.ParametricLIFNode}[kind]
     assert isinstance(layer, expected)
+
+
+def test_fair_baselines_are_the_hifi_layer_with_frozen_shared_parameters():
+    lif, plif, hifi = make_neuron("lif", 16), make_neuron("plif", 16), make_neuron("hifi", 16)
+    for node in (lif, plif):  # same soft reset, gain 1, leak 0.5, threshold 1, no autapse
+        assert not node.hard_reset and not node.autapse and not node.heterogeneous
+        q = node.quantities()
+        assert torch.allclose(q["k"], torch.full((16,), 0.5))
+        assert torch.allclose(q["theta"], torch.full((16,), 1.0))
+        assert torch.allclose(q["c"], torch.full((16,), 1.0))
+        assert torch.all(q["gamma"] == 0)
+    assert lif.neuron_parameters() == []  # nothing neuron-level is learned
+    (leak,) = plif.neuron_parameters()  # one learnable leak per layer
+    assert leak is plif.a_k and leak.shape == (1,)
+    assert len(hifi.neuron_parameters()) == 4
+    assert all(p.shape == (16,) for p in hifi.neuron_parameters())
+    # with HIFI's parameters set to LIF's values, the two layers compute the same spikes
+    x = _drive(T=6, N=3, scale=2.5)
+    twin = make_neuron("hifi", 16, autapse=False)
+    with torch.no_grad():
+        twin.a_k.zero_()
+        twin.a_theta.fill_(math.log(math.expm1(1.0 - 0.05)))
+        twin.a_c.zero_()
+    assert torch.equal(twin(x), lif(x))
+
+
+def test_homogeneous_hifi_has_one_value_per_layer():
+    node = make_neuron("hifi", 12, heterogeneous=False)
+    assert all(p.shape == (1,) for p in node.neuron_parameters())
+    assert len(node.neuron_parameters()) == 4
+    assert node.alpha_matrix().shape == (12, 4)
+    assert torch.all(node.alpha_matrix() == node.alpha_matrix()[0])
+    out = node(_drive(T=4, N=2, F_=12))
+    out.sum().backward()
+    assert all(p.grad is not None for p in node.neuron_parameters())
+
+
+def test_frozen_parameters_are_buffers():
+    node = HIFINode(8, learn=("theta",))
+    assert [p is node.a_theta for p in node.neuron_parameters()] == [True]
+    assert "a_k" in dict(node.named_buffers()) and "a_theta" in dict(node.named_parameters())
+    assert set(node.state_dict()) >= {"a_k", "a_theta", "a_c", "a_gamma"}
+    with pytest.raises(ValueError, match="unknown neuron parameter"):
+        HIFINode(8, learn=("tau",))
+
+
+def test_neuron_summary_reports_spread():
+    from scsnn.neurons import neuron_summary
+
+    het, hom = _node(64, init_spread=0.5), make_neuron("lif", 64)
+    s_het, s_hom = neuron_summary([het])[0], neuron_summary([hom])[0]
+    assert set(s_het) == {"k", "theta", "c", "gamma"}
+    assert s_het["theta"]["sd"] > 0.05 and s_hom["theta"]["sd"] == 0.0
+    assert s_hom["k"]["mean"] == pytest.approx(0.5)
+
+
+def test_one_recurrence_for_loop_and_reference():
+    """HIFINode's plain loop and kernels.hifi_reference run the same step function."""
+    from scsnn.kernels import hifi_reference
+
+    node = _node(16, init_spread=0.5, kernel="torch")
+    x = _drive(T=7)
+    s = node(x)
+    v0 = torch.zeros_like(x[0])
+    ref, v, _ = hifi_reference(x, v0, v0, node.k, node.theta, node.c, node.gamma, None,
+                               autapse=True, hard_reset=False, online=False)
+    assert torch.equal(s, ref) and torch.equal(node.v, v)
 
 
 def test_factory_options_and_unknown():
