@@ -40,12 +40,15 @@ class Encoder(str, Enum):
     direct = "direct"
     rate = "rate"
     latency = "latency"
+    rank = "rank"
 
 
 class Neuron(str, Enum):
     hifi = "hifi"
     lif = "lif"
     plif = "plif"
+    sj_lif = "sj-lif"
+    sj_plif = "sj-plif"
     ann = "ann"
 
 
@@ -168,9 +171,13 @@ def train(
     label_key: Annotated[str, typer.Option("--label-key", "-l", help="obs column with labels.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same model on CPU).")] = 0,
-    encoder: Annotated[Encoder, typer.Option(help="Input encoding.")] = Encoder.direct,
+    encoder: Annotated[Encoder, typer.Option(
+        help="Input encoding: direct (analog current), rate, latency or rank "
+        "(spike trains).")] = Encoder.direct,
     timesteps: Annotated[int, typer.Option("--timesteps", "-T", min=1, max=64,
                                            help="Time steps T.")] = 4,
+    rank_n: Annotated[int, typer.Option(min=1, help="Genes that fire per cell with the rank "
+                                        "encoder.")] = 128,
     epochs: Annotated[int, typer.Option(min=1, help="Maximum training epochs.")] = 40,
     neuron: Annotated[Neuron, typer.Option(help="Neuron model.")] = Neuron.hifi,
     hidden: Annotated[str, typer.Option(help="Hidden layer widths.")] = "512,128",
@@ -178,11 +185,16 @@ def train(
     n_markers: Annotated[int, typer.Option(min=0, help="Top marker genes kept per class.")] = 25,
     class_balance: Annotated[float, typer.Option(min=0.0, max=1.0,
                              help="Sampling weight exponent: 0 as in data, 1 balanced.")] = 0.5,
-    bilevel: Annotated[bool, typer.Option(help="Neuron parameters on the validation split.")] = True,
+    bilevel: Annotated[bool, typer.Option(
+        help="Neuron parameters fitted on their own split (bi-level) or jointly.")] = True,
     autapse: Annotated[bool, typer.Option(help="HIFI self-inhibiting autapse.")] = True,
+    heterogeneous: Annotated[bool, typer.Option(
+        help="HIFI neuron parameters per neuron, or one value per layer.")] = True,
     smoothness: Annotated[float, typer.Option(min=0.0,
                           help="Weight of the Laplacian smoothness term on neuron parameters.")]
-    = 1e-2,
+    = 1.0,
+    alpha_steps: Annotated[int, typer.Option(min=1, help="Steps of the neuron parameters per "
+                                             "upper-level round.")] = 32,
     online: Annotated[bool, typer.Option(
         help="Online gradients (state detached between steps) instead of full BPTT.")] = False,
     min_cells_per_class: Annotated[int, typer.Option(min=1,
@@ -215,13 +227,16 @@ def train(
         adata = read_h5ad_sample(reference, label_key, sample, seed=seed)
     else:
         adata = read_h5ad(reference)
+    settings = tl.configs(
+        encoder=encoder.value, timesteps=timesteps, rank_n=rank_n, epochs=epochs,
+        neuron=neuron.value, hidden=sizes, n_hvg=n_hvg, n_markers=n_markers,
+        class_balance=class_balance, bilevel=bilevel, autapse=autapse,
+        heterogeneous=heterogeneous, smoothness=smoothness, alpha_steps=alpha_steps,
+        online=online, min_cells_per_class=min_cells_per_class,
+    )
     model = tl.train(
         adata, label_key, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, seed=seed,
-        encoder=encoder.value, timesteps=timesteps, epochs=epochs, neuron=neuron.value,
-        hidden=sizes, n_hvg=n_hvg, n_markers=n_markers, class_balance=class_balance,
-        bilevel=bilevel, autapse=autapse, smoothness=smoothness, online=online,
-        min_cells_per_class=min_cells_per_class, device=device.value,
-        stream_from=reference if stream else None,
+        device=device.value, stream_from=reference if stream else None, **settings,
     )
     model.settings["reference"] = str(reference)
     if max_cells is not None:
@@ -230,11 +245,11 @@ def train(
         return
     model.save(out)
     m = model.metrics
-    f1 = m.get("val_macro_f1")
+    f1 = m.get("select_macro_f1")
     typer.echo(
         f"model {model.model_id[:12]} saved to {out}: {len(model.classes)} classes, "
-        f"{model.gene_space.n_genes} genes, {m['train_seconds']:.1f} s, "
-        f"validation macro-F1 {'n/a' if f1 is None else f'{f1:.3f}'}"
+        f"{model.gene_space.n_genes} genes, {m['train_seconds']:.1f} s, macro-F1 "
+        f"{'n/a' if f1 is None else f'{f1:.3f}'} on {m['n_select']} held-out reference cells"
     )
 
 
@@ -445,11 +460,15 @@ def benchmark(
         help="obs column with the query's labels (default: --label-key).")] = None,
     folds: Annotated[int, typer.Option(min=2, help="Folds of the cross-validation.")] = 5,
     methods: Annotated[str, typer.Option(
-        help="Comma-separated: hifi, lif, plif, ann, logreg, celltypist, hifi-no-autapse, "
+        help="Comma-separated: hifi, lif, plif, ann, logreg, logreg-balanced, celltypist, "
+        "sj-lif, sj-plif (SpikingJelly's own nodes), hifi-no-autapse, hifi-homogeneous, "
         "hifi-joint, hifi-no-smoothness, hifi-online.")] = "hifi,lif,plif,ann,logreg,celltypist",
     shared_labels: Annotated[bool, typer.Option(
         help="Reference/query: keep only the labels both hold.")] = True,
-    seed: Annotated[int, typer.Option(help="Random seed (splits and training).")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed of the cross-validation folds.")] = 0,
+    seeds: Annotated[str, typer.Option(
+        help="Comma-separated training seeds: every method is trained once per seed and the "
+        "table shows mean ± sd over them.")] = "0",
     encoder: Annotated[Encoder, typer.Option(help="Input encoding of the scsnn networks.")]
     = Encoder.direct,
     timesteps: Annotated[int, typer.Option("--timesteps", "-T", min=1, max=64)] = 4,
@@ -489,9 +508,18 @@ def benchmark(
         what = f"{reference.name} -> {query.name}"
     kw = {"encoder": encoder.value, "timesteps": timesteps, "epochs": epochs,
           "device": device.value}
-    result = bm.run(splits, label_key, methods=chosen, seed=seed,
+    try:
+        train_seeds = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter("give training seeds as comma-separated integers, e.g. 0,1,2",
+                                  param_hint="--seeds") from None
+    result = bm.run(splits, label_key, methods=chosen, seeds=train_seeds or [0],
                     rare_threshold=rare_threshold, train_kwargs=kw)
-    result.update(what=what, settings=kw | {"seed": seed, "methods": chosen})
+    for row in result["rows"]:  # per-cell labels are summarised, not written out
+        row.pop("truth", None)
+        row.pop("pred", None)
+    result.update(what=what, settings=kw | {"seed": seed, "seeds": train_seeds,
+                                            "methods": chosen})
     table = bm.markdown(result, what)
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.md").write_text(table + "\n")
@@ -525,7 +553,8 @@ def demo(
     ref, query = adata[tr].copy(), adata[te].copy()
     typer.echo(f"pbmc68k_reduced: {len(tr)} reference cells, {len(te)} query cells, "
                f"{adata.obs['cell_type'].nunique()} cell types")
-    model = tl.train(ref, "cell_type", seed=seed, epochs=epochs, device=device.value)
+    model = tl.train(ref, "cell_type", seed=seed, device=device.value,
+                     **tl.configs(epochs=epochs))
     model.save(out / "model")
     query.obs["true_cell_type"] = query.obs["cell_type"]
     tl.annotate(query, model, device=device.value)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -291,3 +293,15 @@ def latency_report(
         "mean_steps_early_exit": None if decision_steps is None
         else float(np.mean(decision_steps)),
     }
+
+
+class _CallableModule(types.ModuleType):
+    """``scsnn.evaluate`` is this module, and calling it runs :func:`evaluate`: the package
+    face offers ``scsnn.evaluate(adata, truth_key)`` while ``from scsnn.evaluate import ...``
+    keeps working (importing a submodule rebinds the package attribute to the module)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,59 +1,79 @@
-"""The spiking classifier, its ANN twin, and the model bundle that is saved to disk.
+"""The spiking classifier and its ANN twin: plain torch modules that know nothing of AnnData.
 
-The networks are plain torch modules: they know nothing of AnnData. A saved model is a
-directory with ``weights.safetensors`` (tensors only: loading it cannot run code) and
-``model.json`` (schema version, classes, gene space, settings, training metrics).
+A network takes ``[N, G]`` standardised expression (see :mod:`scsnn.encoding`) and returns
+class logits; :func:`predict_batches` runs it over batches of cells and counts the spikes
+that the energy figures are computed from. The model bundle that ties a network to its gene
+space and files on disk lives in :mod:`scsnn.bundle`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import hashlib
-import json
-import logging
-import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
-from safetensors.torch import load_file, save_file
 from spikingjelly.activation_based import functional
 from torch import nn
 
-from ._files import file_mode
-from ._version import __version__
 from .encoding import make_encoder
-from .errors import InputError, ModelError
+from .errors import InputError
 from .neurons import HIFINode, make_neuron
-from .pp import GeneSpace
 
-logger = logging.getLogger("scsnn")
-
-MODEL_FORMAT = "scsnn-model"
-SCHEMA_VERSION = 1
-WEIGHTS_FILE = "weights.safetensors"
-META_FILE = "model.json"
+#: ``neuron`` values of :class:`NetworkConfig`: the spiking kinds of
+#: :func:`scsnn.neurons.make_neuron`, and ``ann`` (the ANN twin).
+NETWORKS = ("hifi", "lif", "plif", "sj-lif", "sj-plif", "ann")
 
 
 @dataclass
 class NetworkConfig:
-    """Everything needed to rebuild a network before loading its weights."""
+    """Everything needed to rebuild a network before loading its weights.
 
-    n_genes: int
-    n_classes: int
+    Parameters
+    ----------
+    n_genes, n_classes
+        Input width (the gene space) and number of classes; :func:`scsnn.tl.train` fills
+        them in from the reference.
+    hidden
+        Widths of the hidden spiking layers.
+    timesteps
+        T, the number of time steps.
+    encoder
+        ``direct``, ``rate``, ``latency`` or ``rank`` (:mod:`scsnn.encoding`).
+    rank_n
+        Genes that fire per cell with the ``rank`` encoder.
+    neuron
+        One of :data:`NETWORKS`.
+    heterogeneous
+        HIFI: one value of each neuron parameter per neuron (False: one per layer).
+    autapse
+        HIFI: the self-inhibiting autapse.
+    online
+        Detach the neuron state between steps (online gradients) instead of full BPTT.
+    norm_affine
+        Batch norm after each linear layer with a learnable per-neuron scale and shift (True)
+        or a plain standardisation (False).
+    dropout, input_dropout
+        Dropout between hidden layers, and of whole input genes.
+    clip
+        The gene space's clip of standardised values.
+    """
+
+    n_genes: int = 0
+    n_classes: int = 0
     hidden: tuple[int, ...] = (512, 128)
     timesteps: int = 4
     encoder: str = "direct"
+    rank_n: int = 128
     neuron: str = "hifi"
+    heterogeneous: bool = True
+    autapse: bool = True
+    online: bool = False
+    norm_affine: bool = True
     dropout: float = 0.2
     input_dropout: float = 0.2
-    online: bool = False
-    autapse: bool = True
     clip: float = 10.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,15 +103,19 @@ class Dropout(nn.Module):
         self.p = float(p)
         self._cut = round(self.p * 256)
 
+    def mask(self, shape: torch.Size | tuple[int, ...], device: torch.device,
+             dtype: torch.dtype) -> torch.Tensor:
+        """A keep mask (0, or 1 / keep probability) of ``shape``."""
+        n = int(np.prod(shape))
+        # one 64-bit draw gives 8 independent uniform bytes
+        r = torch.empty(-(-n // 8), dtype=torch.int64, device=device)
+        r = r.random_(-(2**63), 2**63 - 1).view(torch.uint8)[:n].view(shape)
+        return (r >= self._cut).to(dtype).mul_(256.0 / (256 - self._cut))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self._cut == 0:
             return x
-        n = x.numel()
-        # one 64-bit draw gives 8 independent uniform bytes
-        r = torch.empty(-(-n // 8), dtype=torch.int64, device=x.device)
-        r = r.random_(-(2**63), 2**63 - 1).view(torch.uint8)[:n].view(x.shape)
-        keep = (r >= self._cut).to(x.dtype).mul_(256.0 / (256 - self._cut))
-        return x * keep
+        return x * self.mask(x.shape, x.device, x.dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -108,13 +132,15 @@ class SpikingClassifier(nn.Module):
     def __init__(self, cfg: NetworkConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = make_encoder(cfg.encoder, cfg.timesteps, cfg.clip)
+        self.encoder = make_encoder(cfg.encoder, cfg.timesteps, cfg.n_genes, cfg.clip,
+                                    rank_n=cfg.rank_n)
         self.input_dropout = Dropout(cfg.input_dropout)
         sizes = [cfg.n_genes, *cfg.hidden]
         self.fcs = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
-        self.norms = nn.ModuleList(nn.BatchNorm1d(b) for b in sizes[1:])
+        self.norms = nn.ModuleList(nn.BatchNorm1d(b, affine=cfg.norm_affine) for b in sizes[1:])
         self.spiking = nn.ModuleList(
-            make_neuron(cfg.neuron, b, online=cfg.online, autapse=cfg.autapse, generator=generator)
+            make_neuron(cfg.neuron, b, online=cfg.online, autapse=cfg.autapse,
+                        heterogeneous=cfg.heterogeneous, generator=generator)
             for b in sizes[1:]
         )
         self.dropout = Dropout(cfg.dropout)
@@ -128,17 +154,25 @@ class SpikingClassifier(nn.Module):
         y = self.norms[i](self.fcs[i](x.reshape(T * N, -1)))
         return y.view(T, N, -1)
 
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The input spike trains ``[T, N, G]`` of a spike encoder; in training, input dropout
+        silences whole genes of a cell (all their spikes)."""
+        spikes = self.encoder(x, generator)
+        if self.training and self.input_dropout._cut:
+            spikes = spikes * self.input_dropout.mask(x.shape, x.device, x.dtype)
+        return spikes
+
     def forward_steps(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Readout after each step t: the mean of the output layer's drive over steps 1..t."""
         T = self.cfg.timesteps
-        x = self.input_dropout(x)
         input_events = 0.0
         if self.encoder.constant:
             # same analog input at every step: compute the first layer once per cell
+            x = self.input_dropout(x)
             y = self.norms[0](self.fcs[0](x))
             seq = y.unsqueeze(0).expand(T, *y.shape)
         else:
-            spikes_in = self.encoder(x, generator)
+            spikes_in = self.encode(x, generator)
             if self.counter is not None:
                 input_events = float(spikes_in.detach().sum())
             seq = self._layer(0, spikes_in)
@@ -159,14 +193,17 @@ class SpikingClassifier(nn.Module):
         return self.forward_steps(x, generator)[-1]
 
     def hifi_layers(self) -> list[HIFINode]:
+        """The spiking layers built on :class:`~scsnn.neurons.HIFINode` (HIFI, LIF, PLIF)."""
         return [m for m in self.spiking if isinstance(m, HIFINode)]
 
     def neuron_parameters(self) -> list[nn.Parameter]:
-        """Neuron-level parameters (the upper level of bi-level training)."""
+        """Trainable neuron-level parameters (the upper level of bi-level training)."""
         params: list[nn.Parameter] = []
         for m in self.spiking:
             if isinstance(m, HIFINode):
                 params.extend(m.neuron_parameters())
+            else:  # SpikingJelly's ParametricLIFNode: its learnable time constant
+                params.extend(m.parameters())
         return params
 
 
@@ -179,7 +216,8 @@ class ANNClassifier(nn.Module):
         sizes = [cfg.n_genes, *cfg.hidden]
         layers: list[nn.Module] = [Dropout(cfg.input_dropout)]
         for a, b in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(), Dropout(cfg.dropout)]
+            layers += [nn.Linear(a, b), nn.BatchNorm1d(b, affine=cfg.norm_affine), nn.ReLU(),
+                       Dropout(cfg.dropout)]
         layers.append(nn.Linear(sizes[-1], cfg.n_classes))
         self.net = nn.Sequential(*layers)
 
@@ -201,6 +239,8 @@ def build_network(cfg: NetworkConfig, seed: int = 0) -> nn.Module:
 
     The caller's global torch random state is left as it was.
     """
+    if cfg.neuron not in NETWORKS:
+        raise ValueError(f"unknown neuron '{cfg.neuron}' (choose from {', '.join(NETWORKS)})")
     seed = int(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -208,6 +248,12 @@ def build_network(cfg: NetworkConfig, seed: int = 0) -> nn.Module:
         if cfg.neuron == "ann":
             return ANNClassifier(cfg, gen)
         return SpikingClassifier(cfg, gen)
+
+
+def is_analog(network: nn.Module) -> bool:
+    """Whether the network's first layer reads analog values (the ANN, direct encoding)."""
+    enc = getattr(network, "encoder", None)
+    return enc is None or bool(enc.analog)
 
 
 @contextlib.contextmanager
@@ -276,27 +322,24 @@ def batch_seed(seed: int, batch: int) -> int:
 
 
 @torch.no_grad()
-def predict(
+def predict_batches(
     network: nn.Module,
-    X: sp.csr_matrix,
-    gene_space: GeneSpace,
-    present: np.ndarray | None = None,
+    batches: Iterable[np.ndarray | torch.Tensor],
     *,
-    batch_size: int = 1024,
     device: torch.device | str = "cpu",
     seed: int = 0,
     count_spikes: bool = False,
     early_exit: float | None = None,
     first_batch: int = 0,
 ) -> Predictions:
-    """Run the network over projected cells, mini-batch by mini-batch (only a batch is dense).
+    """Run the network over dense batches of standardised cells ``[n, G]``.
 
     With ``count_spikes`` the spikes of every layer are counted (for energy accounting).
     With ``early_exit`` a cell's decision is the readout at the first step whose top
     probability reaches that value (the last step when none does).
     Spike encoders draw from a generator seeded from ``seed`` and the index of the batch
-    (``first_batch`` for the first batch of ``X``), so predictions reproduce, and a matrix cut
-    into chunks at multiples of ``batch_size`` gives the same predictions as the whole matrix.
+    (``first_batch`` for the first one), so predictions reproduce, and cells cut into chunks
+    at batch boundaries give the same predictions as all cells at once.
     """
     device = torch.device(device)
     network.eval()
@@ -305,21 +348,21 @@ def predict(
     if counter is not None:
         network.counter = counter
     logits, labels, conf, steps = [], [], [], []
+    T = int(getattr(network.cfg, "timesteps", 1)) if hasattr(network, "encoder") else 1
     try:
-        for i, start in enumerate(range(0, X.shape[0], batch_size)):
+        for i, xb in enumerate(batches):
             gen.manual_seed(batch_seed(seed, first_batch + i))
-            xb = gene_space.scale(X[start : start + batch_size], present)
+            xb = torch.as_tensor(xb).to(device)
             functional.reset_net(network)
-            y = network.forward_steps(torch.from_numpy(xb).to(device), gen).float()  # [T,N,C]
+            y = network.forward_steps(xb, gen).float()  # [T,N,C]
             p = torch.softmax(y, dim=-1).max(dim=-1)
             T = y.shape[0]
             if early_exit is None:
                 step = torch.full((y.shape[1],), T - 1, device=y.device)
             else:
                 reached = p.values >= early_exit  # [T, N]
-                first = torch.where(reached.any(0), reached.float().argmax(0),
-                                    torch.full_like(reached[0], T - 1, dtype=torch.long))
-                step = first
+                step = torch.where(reached.any(0), reached.float().argmax(0),
+                                   torch.full_like(reached[0], T - 1, dtype=torch.long))
             logits.append(y[step, torch.arange(y.shape[1], device=y.device)].cpu().numpy())
             steps.append(step.cpu().numpy() + 1)
             labels.append(p.indices.T.cpu().numpy().astype(np.int32))
@@ -328,156 +371,15 @@ def predict(
         functional.reset_net(network)
         if counter is not None:
             network.counter = None
+    if not logits:
+        C = int(network.cfg.n_classes)
+        return Predictions(np.zeros((0, C), np.float32), np.zeros((0, T), np.int32),
+                           np.zeros((0, T), np.float32), np.zeros(0, np.int32), counter)
     return Predictions(np.concatenate(logits), np.concatenate(labels), np.concatenate(conf),
                        np.concatenate(steps).astype(np.int32), counter)
-
-
-def _json_default(obj: Any) -> Any:
-    """numpy scalars and arrays in settings and metrics become plain JSON values."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
-
-
-@dataclass
-class ScsnnModel:
-    """A trained annotator: gene space + classes + network + settings + metrics."""
-
-    gene_space: GeneSpace
-    classes: list[str]
-    network: nn.Module
-    config: NetworkConfig
-    settings: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    model_id: str = ""
-
-    @property
-    def genes(self) -> list[str]:
-        return self.gene_space.genes
-
-    def __repr__(self) -> str:
-        return (
-            f"ScsnnModel(id={self.model_id[:12]}, neuron={self.config.neuron}, "
-            f"encoder={self.config.encoder}, T={self.config.timesteps}, "
-            f"{len(self.classes)} classes, {self.gene_space.n_genes} genes)"
-        )
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
-
-    def compute_id(self) -> str:
-        h = hashlib.sha256()
-        for k, v in sorted(self.state_tensors().items()):
-            h.update(k.encode())
-            h.update(v.numpy().tobytes())
-        h.update(json.dumps(self.classes).encode())
-        h.update(json.dumps(self.gene_space.genes).encode())
-        return h.hexdigest()
-
-    # -- persistence ---------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
-        """Write the model directory (``weights.safetensors`` + ``model.json``)."""
-        d = Path(path)
-        if d.exists() and not d.is_dir():
-            raise ModelError(f"cannot save the model: {d} exists and is not a directory")
-        if (d / META_FILE).exists() and not overwrite:
-            raise ModelError(f"a model already exists in {d}")
-        d.mkdir(parents=True, exist_ok=True)
-        self.model_id = self.model_id or self.compute_id()
-        tmp_w, tmp_m = d / f".{WEIGHTS_FILE}.tmp", d / f".{META_FILE}.tmp"
-        try:
-            self._write(d, tmp_w, tmp_m)
-        except BaseException:
-            tmp_w.unlink(missing_ok=True)
-            tmp_m.unlink(missing_ok=True)
-            raise
-        return d
-
-    def _write(self, d: Path, tmp_w: Path, tmp_m: Path) -> None:
-        save_file(self.state_tensors(), str(tmp_w), metadata={"format": MODEL_FORMAT})
-        digest = hashlib.sha256(tmp_w.read_bytes()).hexdigest()
-        meta = {
-            "format": MODEL_FORMAT,
-            "schema_version": SCHEMA_VERSION,
-            "scsnn_version": __version__,
-            "model_id": self.model_id,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "weights": {"file": WEIGHTS_FILE, "sha256": digest},
-            "classes": list(self.classes),
-            "network": self.config.to_dict(),
-            "settings": self.settings,
-            "metrics": self.metrics,
-            "gene_space": self.gene_space.to_dict(),
-        }
-        tmp_m.write_text(json.dumps(meta, indent=1, default=_json_default))
-        for tmp in (tmp_w, tmp_m):
-            os.chmod(tmp, file_mode(d / WEIGHTS_FILE))
-        os.replace(tmp_w, d / WEIGHTS_FILE)
-        os.replace(tmp_m, d / META_FILE)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> ScsnnModel:
-        """Load a model directory, refusing damaged, foreign or newer-schema models."""
-        d = Path(path)
-        if not d.is_dir():
-            raise ModelError(f"model directory not found: {d}")
-        meta_path, w_path = d / META_FILE, d / WEIGHTS_FILE
-        if not meta_path.is_file():
-            raise ModelError(f"not an scsnn model: {d} has no {META_FILE}")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelError(f"damaged model: {meta_path} is not valid JSON ({exc})") from None
-        if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-            raise ModelError(f"not an scsnn model: {meta_path} has no scsnn format marker")
-        version = meta.get("schema_version")
-        if not isinstance(version, int):
-            raise ModelError(f"damaged model: {meta_path} has no schema version")
-        if version > SCHEMA_VERSION:
-            raise ModelError(
-                f"model schema {version} is newer than this scsnn ({__version__}) reads "
-                f"(schema {SCHEMA_VERSION}); upgrade scsnn"
-            )
-        if not w_path.is_file():
-            raise ModelError(f"damaged model: {w_path} is missing")
-        weights = meta.get("weights")
-        expected = weights.get("sha256") if isinstance(weights, dict) else None
-        if not expected:
-            raise ModelError(f"damaged model: {meta_path} has no weights checksum")
-        if expected and hashlib.sha256(w_path.read_bytes()).hexdigest() != expected:
-            raise ModelError(f"damaged model: {w_path} does not match its checksum")
-        try:
-            cfg = NetworkConfig.from_dict(meta["network"])
-            gene_space = GeneSpace.from_dict(meta["gene_space"])
-            classes = [str(c) for c in meta["classes"]]
-            if cfg.n_genes != gene_space.n_genes or cfg.n_classes != len(classes):
-                raise ValueError("network shape disagrees with genes or classes")
-            network = build_network(cfg)
-            state = load_file(str(w_path))
-            network.load_state_dict(state, strict=True)
-        except ModelError:
-            raise
-        except Exception as exc:
-            detail = " ".join(str(exc).split())
-            if len(detail) > 200:
-                detail = detail[:200] + "..."
-            raise ModelError(f"damaged model in {d}: {type(exc).__name__}: {detail}") from None
-        network.to(device)
-        network.eval()
-        return cls(
-            gene_space=gene_space,
-            classes=classes,
-            network=network,
-            config=cfg,
-            settings=meta.get("settings", {}),
-            metrics=meta.get("metrics", {}),
-            model_id=str(meta.get("model_id", "")),
-        )

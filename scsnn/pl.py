@@ -79,3 +79,60 @@ def confusion(labels: Sequence[str], matrix: np.ndarray, *, true_labels: Sequenc
     ax.set_title(title)
     fig.colorbar(im, ax=ax, shrink=0.8, label="fraction of the true type")
     return fig
+
+
+def neuron_parameters(model: Any, *, title: str = "Neuron parameters per layer") -> Figure:
+    """Histograms of every HIFI layer's leak k, threshold theta, gain c and autapse gamma over
+    its neurons: at initialisation (grey; rebuilt from the model's seed) and after training
+    (blue). A homogeneous layer shows one bar.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~scsnn.bundle.ScsnnModel`.
+    """
+    from .models import build_network
+
+    trained = model.network.hifi_layers()
+    if not trained:
+        raise ValueError("the model has no HIFI-based layers (ANN or SpikingJelly nodes)")
+    initial = build_network(model.config, int(model.settings.get("seed", 0))).hifi_layers()
+    names = ("k", "theta", "c", "gamma")
+    labels = {"k": "leak k", "theta": "threshold θ", "c": "input gain c", "gamma": "autapse γ"}
+    fig = Figure(figsize=(11, 2.4 * len(trained) + 0.6), layout="constrained")
+    axes = fig.subplots(len(trained), len(names), squeeze=False)
+    for i, (before, after) in enumerate(zip(initial, trained)):
+        qb, qa = before.quantities(), after.quantities()
+        for j, q in enumerate(names):
+            ax = axes[i, j]
+            b = qb[q].detach().cpu().numpy()
+            a = qa[q].detach().cpu().numpy()
+            lo, hi = float(min(b.min(), a.min())), float(max(b.max(), a.max()))
+            if hi - lo < 1e-6:
+                lo, hi = lo - 0.05, hi + 0.05
+            bins = np.linspace(lo, hi, 41)
+            ax.hist(b, bins=bins, color="0.6", alpha=0.7, label=f"start (sd {b.std():.3f})")
+            ax.hist(a, bins=bins, color=_COMMON, alpha=0.7, label=f"trained (sd {a.std():.3f})")
+            ax.legend(frameon=False, fontsize=7)
+            ax.tick_params(labelsize=7)
+            if i == len(trained) - 1:
+                ax.set_xlabel(labels[q])
+            if j == 0:
+                ax.set_ylabel(f"layer {i + 1}: neurons", fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def latency_curve(curves: dict[str, Sequence[float]], *,
+                  title: str = "Macro-F1 by decision step") -> Figure:
+    """Macro-F1 when the class is read after step t = 1..T, one line per method."""
+    fig = Figure(figsize=(5.5, 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    for name, ys in curves.items():
+        ys = list(ys)
+        ax.plot(range(1, len(ys) + 1), ys, marker="o", label=name)
+    ax.set_xlabel("decision step t")
+    ax.set_ylabel("macro-F1")
+    ax.legend(frameon=False)
+    ax.set_title(title)
+    return fig

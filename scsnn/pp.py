@@ -76,6 +76,32 @@ def marker_scores(X: sp.csr_matrix, codes: np.ndarray, n_classes: int) -> np.nda
 
 
 @dataclass
+class PreprocessConfig:
+    """How the gene space is fitted on a reference.
+
+    Parameters
+    ----------
+    n_hvg
+        Highly variable genes kept.
+    n_markers
+        Top marker genes kept per class (on top of the HVGs), so a small class keeps its
+        markers.
+    min_cells_per_class
+        Classes with fewer labelled cells are dropped, with a message naming them.
+    clip
+        Standardised values are clipped to ``[-clip, clip]``.
+    """
+
+    n_hvg: int = 2000
+    n_markers: int = 25
+    min_cells_per_class: int = 1
+    clip: float = 10.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
 class GeneSpace:
     """The model's genes and how to bring any expression profile into them."""
 
@@ -114,18 +140,27 @@ class GeneSpace:
         )
         return out, present
 
-    def scale(self, X: sp.spmatrix | np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
+    def scale(self, X: sp.spmatrix | np.ndarray, present: np.ndarray | None = None, *,
+              absent: str = "mean") -> np.ndarray:
         """Standardise rows of a projected matrix with the reference statistics, then clip.
 
-        Dense float32 output: call it on a mini-batch. Genes the query lacks are set to 0,
-        the reference mean, so that they carry no signal either way.
+        Dense float32 output: call it on a mini-batch. Genes the query lacks are set to the
+        reference mean (``absent="mean"``, standardised 0: no signal either way, for analog
+        input) or to zero expression (``absent="zero"``: silent for spike encoders).
         """
+        if absent not in ("mean", "zero"):
+            raise ValueError(f"absent must be 'mean' or 'zero', got {absent!r}")
         dense = X.toarray() if sp.issparse(X) else np.asarray(X)
         Z = (dense.astype(np.float32, copy=False) - self.mean) / self.std
         np.clip(Z, -self.clip, self.clip, out=Z)
         if present is not None and not present.all():
-            Z[:, ~present] = 0.0
+            Z[:, ~present] = 0.0 if absent == "mean" else self.floor()[~present]
         return Z
+
+    def floor(self) -> np.ndarray:
+        """``[genes]``: the standardised value of zero expression of every gene (what
+        :meth:`scale` gives an undetected gene)."""
+        return self.scale(np.zeros((1, self.n_genes), dtype=np.float32))[0]
 
     def features(self, expr: Expression) -> np.ndarray:
         """``project`` then ``scale``: the dense standardised matrix a model sees.
@@ -309,4 +344,40 @@ class ProjectedRows:
         h = hashlib.sha256(str(self._src.path.resolve()).encode())
         h.update(repr((self._src.n_obs, self._src.n_vars, self._kind)).encode())
         h.update(self._rows.tobytes())
+        return h.hexdigest()
+
+
+class ScaledCells:
+    """Standardised cells for the trainer: ``rows(idx)`` is the dense ``[len(idx), genes]``
+    float32 block of those cells (any order, repeats allowed), read from a projected CSR
+    matrix or from :class:`ProjectedRows` on disk, one mini-batch at a time."""
+
+    def __init__(self, X: sp.csr_matrix | ProjectedRows, gene_space: GeneSpace) -> None:
+        self.X = X
+        self.gene_space = gene_space
+
+    def __len__(self) -> int:
+        return int(self.X.shape[0])
+
+    @property
+    def n_genes(self) -> int:
+        return self.gene_space.n_genes
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        block = self.X.take_rows(idx) if hasattr(self.X, "take_rows") else self.X[idx]
+        return self.gene_space.scale(block)
+
+    def digest(self) -> str:
+        """Identifies the cells and genes, for checks across training processes."""
+        import hashlib
+
+        h = hashlib.sha256()
+        if hasattr(self.X, "digest"):
+            h.update(self.X.digest().encode())
+        else:
+            X = self.X
+            h.update(repr((X.shape, X.nnz, float(np.asarray(X.data, dtype=np.float64).sum())))
+                     .encode())
+        h.update("\0".join(self.gene_space.genes).encode())
         return h.hexdigest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -17,23 +18,57 @@ from ._version import __version__
 from .errors import InputError
 from .evaluate import energy_estimate
 from .io import get_expression, get_labels, read_h5ad, write_h5ad_atomic
+from .bundle import ScsnnModel, predict
+from .encoding import ENCODERS
 from .models import (
+    NETWORKS,
     NetworkConfig,
     Predictions,
-    ScsnnModel,
     SpikeCounter,
     build_network,
-    predict,
     resolve_device,
     softmax,
     torch_threads_kept,
 )
-from .pp import fit_gene_space
+from .pp import PreprocessConfig, ScaledCells, fit_gene_space
 from .training import BiLevelTrainer, TrainConfig
 
 logger = logging.getLogger("scsnn")
 
 UNASSIGNED = "Unassigned"
+
+
+def configs(**settings: Any) -> dict[str, Any]:
+    """Sort flat settings into the three configuration objects of :func:`train`.
+
+    ``configs(epochs=20, hidden=(256, 64), n_hvg=1000)`` returns ``{"preprocess":
+    PreprocessConfig(n_hvg=1000, ...), "network": NetworkConfig(hidden=(256, 64), ...),
+    "training": TrainConfig(epochs=20, ...)}``, ready for ``train(adata, key, **...)``. Every
+    name is a field of exactly one of them; an unknown name raises :class:`InputError`.
+    """
+    out = {"preprocess": {}, "network": {}, "training": {}}
+    owners = {"preprocess": PreprocessConfig, "network": NetworkConfig, "training": TrainConfig}
+    for name, value in settings.items():
+        where = [k for k, c in owners.items() if name in c.__dataclass_fields__]
+        if not where or name in ("n_genes", "n_classes", "seed", "progress"):
+            raise InputError(f"unknown training setting '{name}'")
+        out[where[0]][name] = value
+    return {"preprocess": PreprocessConfig(**out["preprocess"]),
+            "network": NetworkConfig(**out["network"]),
+            "training": TrainConfig(**out["training"])}
+
+
+def _config(value: Any, cls: type, what: str) -> Any:
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return dataclasses.replace(value)
+    if isinstance(value, dict):
+        try:
+            return cls(**value)
+        except TypeError as exc:
+            raise InputError(f"{what}: {exc}") from None
+    raise InputError(f"{what} must be a {cls.__name__} or a dict, got {type(value).__name__}")
 
 
 def train(
@@ -44,29 +79,9 @@ def train(
     use_raw: bool = False,
     gene_symbols: str | None = None,
     genes: Sequence[str] | None = None,
-    n_hvg: int = 2000,
-    n_markers: int = 25,
-    neuron: str = "hifi",
-    encoder: str = "direct",
-    timesteps: int = 4,
-    hidden: Sequence[int] = (512, 128),
-    dropout: float = 0.2,
-    input_dropout: float = 0.2,
-    epochs: int = 40,
-    batch_size: int | None = None,
-    lr: float = 2e-3,
-    weight_decay: float = 1e-4,
-    bilevel: bool = True,
-    online: bool = False,
-    autapse: bool = True,
-    smoothness: float = 1e-2,
-    alpha_interval: int = 2,
-    alpha_min_steps: int = 1,
-    val_fraction: float = 0.15,
-    class_balance: float = 0.5,
-    ema_decay: float = 0.99,
-    refit_epochs: int = 2,
-    min_cells_per_class: int = 1,
+    preprocess: PreprocessConfig | dict[str, Any] | None = None,
+    network: NetworkConfig | dict[str, Any] | None = None,
+    training: TrainConfig | dict[str, Any] | None = None,
     seed: int = 0,
     device: str = "auto",
     progress: bool | None = None,
@@ -81,37 +96,31 @@ def train(
         counts are normalised and log1p-transformed, log-normalised data are used as given.
     label_key
         ``obs`` column with the cell-type labels. Cells without a label are left out.
+    layer, use_raw
+        Take expression from ``layers[layer]`` or from ``.raw`` instead of ``X``.
     gene_symbols
         ``var`` column that identifies genes instead of ``var_names``.
     genes
         Restrict the candidate genes (for example to those a query also measures).
-    n_hvg, n_markers
-        Highly variable genes kept, plus this many top markers per class.
-    neuron
-        ``hifi`` (heterogeneous self-inhibiting neurons), ``lif``, ``plif`` or ``ann``.
-    encoder, timesteps
-        ``direct`` (analog current each step), ``rate`` (Bernoulli spikes) or ``latency``
-        (time to first spike), over ``timesteps`` steps.
-    dropout, input_dropout
-        Dropout between hidden layers, and on the input genes (robustness to genes that a
-        query measures poorly).
-    bilevel
-        Neuron parameters on the validation split every ``alpha_interval`` epochs (True), or
-        trained jointly with the synapses (False).
-    batch_size
-        Cells per mini-batch (default: 128 under 20,000 training cells, else 512).
-    ema_decay
-        Decay of the exponential moving average of the weights that is validated and kept
-        (0 turns it off).
-    refit_epochs
-        After early stopping, epochs of the synapses on all reference cells (validation
-        cells included) at a tenth of the learning rate.
-    class_balance
-        Exponent b of the sampling weight ``n_class ** -b`` (0: as in the data, 1: balanced).
-    min_cells_per_class
-        Classes with fewer labelled cells are dropped, with a message naming them.
+    preprocess
+        :class:`scsnn.pp.PreprocessConfig` (or a dict of its fields): highly variable genes,
+        marker genes per class, smallest class kept, clip.
+    network
+        :class:`scsnn.models.NetworkConfig` (or a dict of its fields, ``n_genes`` and
+        ``n_classes`` excepted: they come from the data): neuron model (``hifi``, the
+        baselines ``lif``, ``plif``, ``sj-lif``, ``sj-plif``, or the ``ann`` twin), encoder
+        and time steps, layer widths, dropout, ablation switches.
+    training
+        :class:`scsnn.training.TrainConfig` (or a dict of its fields): epochs, learning
+        rates, the bi-level schedule, the splits, class balancing, early stopping.
+        :func:`configs` sorts flat settings into the three objects.
     seed
-        Same seed, same data, same model and predictions on the CPU.
+        Fixes the initial weights, the splits and every random draw (it replaces
+        ``training.seed``): same seed, same data, same model and predictions on the CPU.
+    device
+        ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+    progress
+        A progress bar over training epochs (default: when stderr is a terminal).
     stream_from
         An ``.h5ad`` file to draw the training mini-batches from, cell by cell from disk,
         so that a reference larger than memory trains on all its labelled cells. ``adata``
@@ -121,23 +130,33 @@ def train(
 
     Returns
     -------
-    The trained :class:`~scsnn.models.ScsnnModel`; ``model.save(dir)`` writes it to disk.
+    ScsnnModel
+        The trained model; ``model.save(dir)`` writes it to disk. ``model.metrics`` holds
+        the training record: ``select_macro_f1`` (the saved model on the selection split, which
+        fitted nothing), the epochs, the splits' sizes and roles, and per layer the neuron
+        parameters' spread at the start and the end (``neurons``).
     """
     seed = int(seed)
     dev = resolve_device(device)
-    if neuron not in ("hifi", "lif", "plif", "ann"):
-        raise InputError(f"unknown neuron '{neuron}' (hifi, lif, plif or ann)")
+    pcfg = _config(preprocess, PreprocessConfig, "preprocess")
+    ncfg = _config(network, NetworkConfig, "network")
+    tcfg = _config(training, TrainConfig, "training")
+    if ncfg.neuron not in NETWORKS:
+        raise InputError(f"unknown neuron '{ncfg.neuron}' (choose from {', '.join(NETWORKS)})")
+    if ncfg.encoder not in ENCODERS:
+        raise InputError(f"unknown encoder '{ncfg.encoder}' (choose from {', '.join(ENCODERS)})")
     labels = get_labels(adata, label_key)
     keep = labels.notna().to_numpy()
     if not keep.all():
         logger.warning("%d cells without a label in obs['%s'] are left out", (~keep).sum(), label_key)
     labels = labels[keep].astype(str)
     counts = labels.value_counts()
-    too_small = counts[counts < min_cells_per_class]
+    min_cells = int(pcfg.min_cells_per_class)
+    too_small = counts[counts < min_cells]
     if len(too_small):
         logger.warning(
             "dropping classes with fewer than %d cells: %s",
-            min_cells_per_class,
+            min_cells,
             ", ".join(f"{k} ({v})" for k, v in too_small.items()),
         )
         keep_lab = ~labels.isin(too_small.index).to_numpy()
@@ -146,7 +165,7 @@ def train(
     classes = sorted(labels.unique().tolist())
     if len(classes) < 2:
         raise InputError(f"obs['{label_key}'] needs at least 2 classes to train, found {len(classes)}")
-    tiny = counts[(counts >= min_cells_per_class) & (counts < 3)]
+    tiny = counts[(counts >= min_cells) & (counts < 3)]
     if len(tiny):
         logger.warning(
             "classes too small to split (kept for training, not validated): %s",
@@ -170,56 +189,34 @@ def train(
             expr,
             codes,
             classes,
-            n_hvg=int(n_hvg),
-            n_markers=int(n_markers),
+            n_hvg=int(pcfg.n_hvg),
+            n_markers=int(pcfg.n_markers),
+            clip=float(pcfg.clip),
             restrict_genes=list(genes) if genes is not None else None,
         )
+    ncfg = dataclasses.replace(ncfg, n_genes=gs.n_genes, n_classes=len(classes), clip=gs.clip,
+                               hidden=tuple(int(h) for h in ncfg.hidden),
+                               timesteps=int(ncfg.timesteps))
+    try:
+        net = build_network(ncfg, seed)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    _fit_encoder(net, gs, Xsel, seed)
     source = None
     if stream_from is not None:
         source, Xsel, codes, counts = _stream_source(stream_from, label_key, classes, gs,
                                                      expr.kind, layer, use_raw, gene_symbols)
-    cfg = NetworkConfig(
-        n_genes=gs.n_genes,
-        n_classes=len(classes),
-        hidden=tuple(int(h) for h in hidden),
-        timesteps=int(timesteps),
-        encoder=encoder,
-        neuron=neuron,
-        dropout=dropout,
-        input_dropout=input_dropout,
-        online=online,
-        autapse=autapse,
-        clip=gs.clip,
-    )
-    try:
-        network = build_network(cfg, seed)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
-    tcfg = TrainConfig(
-        epochs=int(epochs),
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        alpha_interval=alpha_interval,
-        alpha_min_steps=alpha_min_steps,
-        smoothness=smoothness,
-        bilevel=bilevel,
-        val_fraction=val_fraction,
-        class_balance=class_balance,
-        ema_decay=ema_decay,
-        refit_epochs=refit_epochs,
-        seed=seed,
-        progress=progress,
-    )
+    tcfg = dataclasses.replace(tcfg, seed=seed, progress=progress,
+                               epochs=int(tcfg.epochs))
     # under torchrun: join the process group, train data-parallel on this rank's device
     try:
         with distributed.process_group(dev) as dev:
-            network, metrics = BiLevelTrainer(tcfg, dev).fit(network, Xsel, codes, gs,
-                                                             len(classes))
+            net, metrics = BiLevelTrainer(tcfg, dev).fit(net, ScaledCells(Xsel, gs), codes,
+                                                         len(classes))
     finally:
         if source is not None:
             source.close()
-    network.to("cpu")
+    net.to("cpu")
     metrics["class_counts"] = {c: int(counts[c]) for c in classes}
     metrics["unsplit_classes"] = [classes[i] for i in metrics["unsplit_classes"]]
     settings = {
@@ -227,24 +224,47 @@ def train(
         "layer": layer,
         "use_raw": use_raw,
         "gene_symbols": gene_symbols,
-        "n_hvg": int(n_hvg),
-        "n_markers": int(n_markers),
         "seed": seed,
         "device": str(dev),
         "streamed_from": str(stream_from) if stream_from is not None else "",
+        "preprocess": pcfg.to_dict(),
         "train": tcfg.to_dict(),
+        # kept for readers of older model files
+        "n_hvg": int(pcfg.n_hvg),
+        "n_markers": int(pcfg.n_markers),
     }
-    model = ScsnnModel(gs, classes, network, cfg, settings=settings, metrics=metrics)
+    model = ScsnnModel(gs, classes, net, ncfg, settings=settings, metrics=metrics)
     model.model_id = model.compute_id()
+    f1 = metrics["select_macro_f1"]
     logger.info(
-        "trained %s in %.1f s (%d epochs, best %d, validation macro-F1 %s)",
+        "trained %s in %.1f s (%d epochs, best %d; macro-F1 %s on %d held-out reference cells)",
         model,
         metrics["train_seconds"],
         metrics["epochs_run"],
         metrics["best_epoch"],
-        "n/a" if metrics["val_macro_f1"] is None else f"{metrics['val_macro_f1']:.3f}",
+        "n/a" if f1 is None else f"{f1:.3f}",
+        metrics["n_select"],
     )
     return model
+
+
+#: Reference cells the spike encoders' per-gene levels are fitted on (a random sample).
+ENCODER_FIT_CELLS = 10_000
+
+
+def _fit_encoder(network: Any, gs: Any, X: Any, seed: int) -> None:
+    """Fit a spike encoder's per-gene levels on (a sample of) the reference."""
+    enc = getattr(network, "encoder", None)
+    if enc is None or enc.analog:
+        return
+    import torch
+
+    n = X.shape[0]
+    rows = np.arange(n)
+    if n > ENCODER_FIT_CELLS:
+        rows = np.sort(np.random.default_rng(seed).choice(n, ENCODER_FIT_CELLS, replace=False))
+    z = torch.from_numpy(gs.scale(X[rows]))
+    enc.fit(z, torch.from_numpy(gs.floor()))
 
 
 def _stream_source(path, label_key, classes, gs, kind, layer, use_raw, gene_symbols):

@@ -1,50 +1,113 @@
-"""Bi-level training of the spiking classifier.
+"""Bi-level training of the spiking classifier (torch only: cells arrive as dense batches).
 
-Lower level: synapse weights W minimise the task loss on the training split (neuron
-parameters fixed). Upper level: every ``alpha_interval`` epochs the neuron-level parameters
-alpha minimise the loss on a disjoint, stratified validation split plus
-``smoothness * trace(A^T L A) / n^2``, the graph-Laplacian term that pulls neurons joined by
-strong synapses towards similar biophysics. Rare classes: class-tempered sampling of the
-training split, class-weighted loss on the validation split, and early stopping on the
-validation macro-F1.
+The reference cells are split three ways, stratified by class:
+
+* the **training split** fits the synapse weights W (lower level);
+* the **alpha split** fits the neuron-level parameters alpha (upper level): every
+  ``alpha_interval`` epochs, ``alpha_steps`` Adam steps on it at ``alpha_lr``, W fixed, the
+  network in evaluation mode (batch-norm statistics frozen, no dropout), minimising the
+  class-weighted loss plus ``smoothness`` times the graph-Laplacian term of
+  :func:`laplacian_smoothness`;
+* the **selection split** picks the epoch to keep (early stopping on its macro-F1) and, at the
+  end, measures the model that is saved. It never fits anything.
+
+Without an upper level (``bilevel=False``, or a network with no trainable neuron parameters:
+LIF, the ANN) the alpha split joins the training split, so every method fits on the same
+cells. After early stopping, the synapses are refitted for ``refit_epochs`` on the training
+and alpha splits together (the selection split stays out), and the refit is kept when the
+selection split does not score it lower.
+
+Rare classes: class-tempered sampling of the training split (weight ``n_class **
+-class_balance``), class-weighted losses on the alpha and selection splits.
 
 Under torchrun (see :mod:`scsnn.distributed`) every rank draws the same cells and takes an
 interleaved shard of every mini-batch; the gradients of whichever parameters are being stepped
 (synapses, or neuron parameters in the upper-level step) and the batch-norm running statistics
 are averaged across ranks after each backward pass, weighted by each rank's share of the
-batch, so all ranks take the same steps and end with bit-identical weights. Validation
-predictions are split between the ranks and gathered, so every rank takes the same
+batch, so all ranks take the same steps and end with bit-identical weights. Predictions on the
+selection split are split between the ranks and gathered, so every rank takes the same
 early-stopping decisions.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import f1_score
 from spikingjelly.activation_based import functional
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm.auto import tqdm
 
 from . import distributed
-from .pp import GeneSpace
+from .neurons import neuron_summary
 
 logger = logging.getLogger("scsnn")
 
 
+class CellRows(Protocol):
+    """What the trainer reads cells from (for example :class:`scsnn.pp.ScaledCells`)."""
+
+    def __len__(self) -> int: ...
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """Dense standardised ``[len(idx), genes]`` float32 rows, in the order given."""
+        ...
+
+    def digest(self) -> str:
+        """Identifies the cells (for the check that every process reads the same ones)."""
+        ...
+
+
 @dataclass
 class TrainConfig:
-    """Settings of the training loop (see :func:`scsnn.tl.train` for their meaning)."""
+    """Settings of the training loop.
+
+    Parameters
+    ----------
+    epochs
+        Most epochs (an epoch is a round of class-tempered draws from the training split,
+        validated at its end).
+    batch_size
+        Cells per mini-batch (None: 128 under 20,000 training cells, else 512).
+    min_samples_per_epoch, max_samples_per_epoch, max_samples
+        Draws per epoch (the training split's size, within these bounds) and in all.
+    refit_epochs
+        Epochs of the synapses on the training and alpha splits after early stopping, at a
+        tenth of the learning rate (0: none).
+    lr, weight_decay
+        AdamW on the synapse weights (cosine schedule).
+    bilevel
+        Fit the neuron parameters on the alpha split (True) or jointly with the weights,
+        by the same optimiser and without weight decay (False).
+    alpha_lr, alpha_interval, alpha_steps
+        Upper level: Adam learning rate, epochs between rounds, and steps per round.
+    smoothness
+        Weight of :func:`laplacian_smoothness` in the upper-level loss.
+    alpha_fraction, select_fraction
+        Fractions of every class held out for the alpha and the selection split.
+    class_balance
+        Exponent b of the sampling weight ``n_class ** -b`` (0: as in the data, 1: balanced).
+    label_smoothing
+        Of the training loss.
+    ema_decay
+        Decay of the exponential moving average of the weights that is validated and kept
+        (0: off).
+    patience, min_epochs
+        Early stopping: epochs without a better selection macro-F1, and the fewest epochs.
+    seed
+        Same seed, same data, same model on the CPU.
+    progress
+        A progress bar over epochs (None: when stderr is a terminal).
+    """
 
     epochs: int = 40
     batch_size: int | None = None
@@ -54,12 +117,13 @@ class TrainConfig:
     refit_epochs: int = 2
     lr: float = 2e-3
     weight_decay: float = 1e-4
+    bilevel: bool = True
     alpha_lr: float = 1e-2
     alpha_interval: int = 2
-    alpha_min_steps: int = 1
-    smoothness: float = 1e-2
-    bilevel: bool = True
-    val_fraction: float = 0.15
+    alpha_steps: int = 32
+    smoothness: float = 1.0
+    alpha_fraction: float = 0.1
+    select_fraction: float = 0.1
     class_balance: float = 0.5
     label_smoothing: float = 0.1
     ema_decay: float = 0.99
@@ -71,42 +135,66 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
 
 @dataclass
 class Split:
+    """Positions of the cells of each split (sorted), and the classes kept whole in training."""
+
     train: np.ndarray
-    val: np.ndarray
+    alpha: np.ndarray
+    select: np.ndarray
     unsplit_classes: list[int] = field(default_factory=list)
 
 
-def stratified_split(codes: np.ndarray, val_fraction: float, seed: int = 0) -> Split:
-    """A validation split that holds every class with 3 or more cells.
+def stratified_split(codes: np.ndarray, alpha_fraction: float, select_fraction: float,
+                     seed: int = 0) -> Split:
+    """A three-way split stratified by class.
 
+    Every class of 3 or more cells has at least one cell in the selection split and two in
+    the training split; every class of 4 or more also at least one in the alpha split.
     Classes of 1 or 2 cells stay whole in the training split (they are reported back).
     """
     rng = np.random.default_rng(seed)
-    train, val, unsplit = [], [], []
+    train, alpha, select, unsplit = [], [], [], []
     for c in np.unique(codes):
         idx = np.flatnonzero(codes == c)
         rng.shuffle(idx)
-        if idx.size < 3 or val_fraction <= 0:
+        n = idx.size
+        if n < 3 or select_fraction <= 0:
             train.append(idx)
             unsplit.append(int(c))
             continue
-        n_val = int(np.clip(round(val_fraction * idx.size), 1, idx.size - 2))
-        val.append(idx[:n_val])
-        train.append(idx[n_val:])
-    tr = np.sort(np.concatenate(train))
-    va = np.sort(np.concatenate(val)) if val else np.array([], dtype=np.int64)
-    return Split(tr, va, unsplit)
+        n_sel = int(np.clip(round(select_fraction * n), 1, n - 2))
+        room = n - 2 - n_sel
+        n_alpha = 0
+        if alpha_fraction > 0 and room >= 1:
+            n_alpha = int(np.clip(round(alpha_fraction * n), 1, room))
+        select.append(idx[:n_sel])
+        alpha.append(idx[n_sel : n_sel + n_alpha])
+        train.append(idx[n_sel + n_alpha :])
+
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.sort(np.concatenate(parts)) if parts else np.array([], dtype=np.int64)
+
+    return Split(cat(train), cat(alpha), cat(select), unsplit)
 
 
 def laplacian_smoothness(network: nn.Module) -> torch.Tensor:
-    """Sum over consecutive HIFI layers of ``trace(A^T L A) / n^2``.
+    """Graph-Laplacian smoothness of the neuron parameters, summed over consecutive layers.
 
-    The two layers' neurons are the nodes, their (k, theta, c, gamma) vectors the features,
-    |W| of the synapses between them the edges (self-loops added); L is the symmetric
-    normalised Laplacian. Computed without forming the n x n matrix.
+    The neurons of two consecutive HIFI layers are the nodes of a bipartite graph whose edge
+    weights are the absolute synapse weights |W| between them; with the combinatorial
+    Laplacian L = D - |W| of that graph and A the nodes' (k, theta, c, gamma) vectors, the
+    term is ``trace(A^T L A) / sum|W|``: the |W|-weighted mean of ``||alpha_i - alpha_j||^2``
+    over connected pairs. Its null space is the constant vectors, so it pulls connected
+    neurons towards the same biophysics and nothing else. (The symmetric normalised Laplacian
+    would instead vanish for ``alpha_i`` proportional to sqrt(degree_i), pulling
+    ``alpha / sqrt(d)`` together.) The synapse weights only define the graph: no gradient
+    reaches them. Computed without forming the n x n matrix.
     """
     layers = network.hifi_layers()
     fcs = getattr(network, "fcs", None)
@@ -114,21 +202,11 @@ def laplacian_smoothness(network: nn.Module) -> torch.Tensor:
     for i in range(len(layers) - 1):
         a1, a2 = layers[i].alpha_matrix(), layers[i + 1].alpha_matrix()
         W = fcs[i + 1].weight.detach().abs()  # (n2, n1)
-        deg1 = 1.0 + W.sum(0)  # self-loop + edges of layer-i neurons
-        deg2 = 1.0 + W.sum(1)
-        d1, d2 = deg1.rsqrt(), deg2.rsqrt()
-        sq = (a1 * a1).sum() + (a2 * a2).sum()
-        self_loops = ((a1 * a1).sum(1) / deg1).sum() + ((a2 * a2).sum(1) / deg2).sum()
-        cross = ((d2[:, None] * a2) * (W @ (d1[:, None] * a1))).sum()
-        n = a1.shape[0] + a2.shape[0]
-        total = total.to(sq.device) + (sq - self_loops - 2.0 * cross) / (n * n)
+        deg1, deg2 = W.sum(0), W.sum(1)
+        quad = (deg1 * (a1 * a1).sum(1)).sum() + (deg2 * (a2 * a2).sum(1)).sum()
+        cross = (a2 * (W @ a1)).sum()
+        total = total.to(quad.device) + (quad - 2.0 * cross) / W.sum().clamp_min(1e-12)
     return total
-
-
-def _batch(X: sp.csr_matrix, rows: np.ndarray, gs: GeneSpace, device: torch.device) -> torch.Tensor:
-    # a reference on disk (scsnn.pp.ProjectedRows) reads the cells of the batch
-    block = X.take_rows(rows) if hasattr(X, "take_rows") else X[rows]
-    return torch.from_numpy(gs.scale(block)).to(device)
 
 
 def auto_batch_size(n_train: int) -> int:
@@ -151,24 +229,39 @@ def _bn_buffers(network: nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def _data_digest(network: nn.Module, X: sp.csr_matrix, codes: np.ndarray, gs: GeneSpace) -> str:
-    """What every rank must agree on before training: cells, labels, genes, initial weights."""
-    import hashlib
+def _class_weights(y: np.ndarray, n_classes: int, device: torch.device) -> torch.Tensor:
+    """Loss weights under which every class present in ``y`` counts equally."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    if not counts.any():
+        return torch.ones(n_classes, device=device)
+    w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1), 0.0)
+    w = w / max(w[counts > 0].mean(), 1e-12)
+    return torch.tensor(w, dtype=torch.float32, device=device)
 
-    h = hashlib.sha256()
-    if hasattr(X, "digest"):
-        h.update(X.digest().encode())
-    else:
-        h.update(repr((X.shape, X.nnz, float(np.asarray(X.data, dtype=np.float64).sum())))
-                 .encode())
-    h.update(np.ascontiguousarray(codes, dtype=np.int64).tobytes())
-    h.update("\0".join(gs.genes).encode())
-    h.update(distributed.state_digest(network).encode())
-    return h.hexdigest()
+
+def macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
+    """Macro-averaged F1 over the classes present in ``y`` (numpy only)."""
+    scores = []
+    for c in np.unique(y):
+        tp = float(np.sum((pred == c) & (y == c)))
+        fp = float(np.sum((pred == c) & (y != c)))
+        fn = float(np.sum((pred != c) & (y == c)))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp > 0 else 0.0)
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def _moved(start: dict[str, torch.Tensor], network: nn.Module) -> list[dict[str, float]]:
+    """Per layer, the mean absolute change of every neuron quantity since ``start``."""
+    out = []
+    with torch.no_grad():
+        for i, layer in enumerate(network.hifi_layers()):
+            now = layer.quantities()
+            out.append({q: float((now[q] - start[f"{i}.{q}"]).abs().mean()) for q in now})
+    return out
 
 
 class BiLevelTrainer:
-    """Trains a network built by :func:`scsnn.models.build_network` on projected cells."""
+    """Trains a network built by :func:`scsnn.models.build_network` on standardised cells."""
 
     def __init__(self, config: TrainConfig, device: torch.device) -> None:
         self.cfg = config
@@ -181,39 +274,51 @@ class BiLevelTrainer:
         w = counts[codes].astype(np.float64) ** (-self.cfg.class_balance)
         return w / w.sum()
 
-    def _predict(self, network: nn.Module, X: sp.csr_matrix, gs: GeneSpace) -> np.ndarray:
-        """Logits of the network on X, in eval mode (under DDP: each rank predicts a block of
-        X and every rank receives all of them)."""
+    def _tensor(self, cells: CellRows, rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(cells.rows(rows)).to(self.device)
+
+    def _predict(self, network: nn.Module, cells: CellRows, rows: np.ndarray) -> np.ndarray:
+        """Logits of the network on the given cells, in eval mode (under DDP: each rank
+        predicts a block of them and every rank receives all)."""
         if self._world == 1:
-            return self._predict_rows(network, X, gs)
-        lo, hi = distributed.block(X.shape[0], self._rank, self._world)
+            return self._predict_rows(network, cells, rows)
+        lo, hi = distributed.block(len(rows), self._rank, self._world)
         if hi > lo:
-            local = self._predict_rows(network, X[lo:hi], gs)
+            local = self._predict_rows(network, cells, rows[lo:hi])
         else:
             network.eval()
             local = np.zeros((0, network.cfg.n_classes), dtype=np.float32)
-        return distributed.gather_blocks(local, X.shape[0], self.device)
+        return distributed.gather_blocks(local, len(rows), self.device)
 
     @torch.no_grad()
-    def _predict_rows(self, network: nn.Module, X: sp.csr_matrix, gs: GeneSpace) -> np.ndarray:
+    def _predict_rows(self, network: nn.Module, cells: CellRows, rows: np.ndarray) -> np.ndarray:
         network.eval()
         preds = []
         gen = torch.Generator().manual_seed(self.cfg.seed)
-        for s in range(0, X.shape[0], 1024):
+        for s in range(0, len(rows), 1024):
             functional.reset_net(network)
-            xb = _batch(X, np.arange(s, min(s + 1024, X.shape[0])), gs, self.device)
+            xb = self._tensor(cells, rows[s : s + 1024])
             preds.append(network(xb, gen).float().cpu().numpy())
         functional.reset_net(network)
         return np.concatenate(preds)
 
+    def _score(self, network: nn.Module, cells: CellRows, rows: np.ndarray, y: np.ndarray,
+               weight: torch.Tensor) -> tuple[float, float]:
+        """Macro-F1 and class-weighted loss on a split."""
+        logits = self._predict(network, cells, rows)
+        f1 = macro_f1(y, logits.argmax(1))
+        loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y),
+                                     weight=weight.cpu()))
+        return f1, loss
+
     def fit(
         self,
         network: nn.Module,
-        X: sp.csr_matrix,
+        cells: CellRows,
         codes: np.ndarray,
-        gs: GeneSpace,
         n_classes: int,
     ) -> tuple[nn.Module, dict[str, Any]]:
+        """Train ``network`` on ``cells`` (labels ``codes``); returns it and the metrics."""
         cfg = self.cfg
         t0 = time.perf_counter()
         self._rank, self._world = rank, world = distributed.group_rank_size()
@@ -224,17 +329,22 @@ class BiLevelTrainer:
         gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, rank) + 1)
         network.to(self.device)
         if world > 1:
-            distributed.check_same(_data_digest(network, X, codes, gs),
+            h = hashlib.sha256(cells.digest().encode())
+            h.update(np.ascontiguousarray(codes, dtype=np.int64).tobytes())
+            h.update(distributed.state_digest(network).encode())
+            distributed.check_same(h.hexdigest(),
                                    "reference cells, labels, genes or initial weights")
 
-        split = stratified_split(codes, cfg.val_fraction, cfg.seed)
-        Xtr, ytr = X[split.train], codes[split.train]
-        Xva, yva = X[split.val], codes[split.val]
-        has_val = split.val.size > 0
-
+        split = stratified_split(codes, cfg.alpha_fraction, cfg.select_fraction, cfg.seed)
         alpha = network.neuron_parameters()
         alpha_ids = {id(p) for p in alpha}
-        use_bilevel = cfg.bilevel and bool(alpha) and has_val
+        use_bilevel = cfg.bilevel and bool(alpha) and split.alpha.size > 0
+        train_rows = split.train if use_bilevel else np.sort(np.concatenate([split.train,
+                                                                             split.alpha]))
+        fit_rows = np.sort(np.concatenate([split.train, split.alpha]))  # for the refit
+        ytr = codes[train_rows]
+        has_sel = split.select.size > 0
+        ysel = codes[split.select]
         weights = [p for p in network.parameters() if id(p) not in alpha_ids]
         if use_bilevel:
             opt_w = torch.optim.AdamW(weights, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -245,18 +355,17 @@ class BiLevelTrainer:
                 groups.append({"params": alpha, "weight_decay": 0.0})
             opt_w = torch.optim.AdamW(groups, lr=cfg.lr)
             opt_a = None
-
-        # class weights for the validation-split loss: every class counts equally
-        va_counts = np.bincount(yva, minlength=n_classes).astype(np.float64)
-        va_w = np.where(va_counts > 0, va_counts.sum() / np.maximum(va_counts, 1), 0.0)
-        va_w = torch.tensor(va_w / max(va_w[va_counts > 0].mean(), 1e-12) if has_val else
-                            np.ones(n_classes), dtype=torch.float32, device=self.device)
+        w_alpha = _class_weights(codes[split.alpha], n_classes, self.device)
+        w_sel = _class_weights(ysel, n_classes, self.device)
+        start = {f"{i}.{q}": v.detach().clone()
+                 for i, layer in enumerate(network.hifi_layers())
+                 for q, v in layer.quantities().items()}
+        summary_start = neuron_summary(network.hifi_layers())
 
         p_train = self._sampling_weights(ytr)
         # small references get enough updates per epoch; large ones one pass per epoch, and
-        # no more than max_samples draws in all
-        # (an epoch is a round of class-tempered draws, validated at its end: capped at
-        # max_samples_per_epoch so that large references are checked, and stop, early)
+        # no more than max_samples draws in all (an epoch is capped at max_samples_per_epoch
+        # so that large references are checked, and stop, early)
         n_per_epoch = int(np.clip(len(ytr), cfg.min_samples_per_epoch,
                                   max(cfg.max_samples_per_epoch, cfg.min_samples_per_epoch)))
         n_epochs = max(1, min(cfg.epochs, cfg.max_samples // n_per_epoch))
@@ -265,69 +374,102 @@ class BiLevelTrainer:
         show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
         show = show and rank == 0
         best_f1, best_loss, best_state, best_epoch, bad = -1.0, np.inf, None, 0, 0
-        history: list[dict[str, float]] = []
+        history: list[dict[str, Any]] = []
+        ratios: list[float] = []
+        alpha_steps = 0
         # an exponential moving average of the weights is what gets validated and kept
         ema = (AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
                              use_buffers=True) if cfg.ema_decay > 0 else None)
         evaluated = ema.module if ema is not None else network
-        bar = tqdm(range(n_epochs), desc="training", disable=not show, leave=False)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(n_epochs), desc="training", unit="epoch", disable=not show,
+                   leave=False)
         for epoch in bar:
-            losses = self._epoch(network, opt_w, Xtr, ytr, p_train, gs, n_per_epoch, batch_size,
-                                 rng, gen, ema)
+            losses = self._epoch(network, opt_w, cells, train_rows, ytr, p_train,
+                                 n_per_epoch, batch_size, rng, gen, ema)
             sched.step()
 
-            alpha_loss = float("nan")
+            rec: dict[str, Any] = {"epoch": epoch + 1,
+                                   "train_loss": float(np.mean(losses)) if losses else 0.0,
+                                   "alpha_loss": None}
             if use_bilevel and (epoch + 1) % cfg.alpha_interval == 0:
-                alpha_loss = self._alpha_step(network, Xva, yva, gs, opt_a, va_w, rng, gen,
-                                              batch_size)
+                a_loss, ratio, n_steps = self._alpha_round(network, cells, split.alpha,
+                                                           codes[split.alpha], opt_a, w_alpha,
+                                                           rng, gen, batch_size)
+                rec["alpha_loss"] = a_loss
+                rec["smoothness_grad_ratio"] = ratio
+                ratios.append(ratio)
+                alpha_steps += n_steps
                 if ema is not None:
                     ema.update_parameters(network)
 
-            rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else 0.0,
-                   "alpha_loss": alpha_loss}
-            if has_val:
-                logits = self._predict(evaluated, Xva, gs)
-                pred = logits.argmax(1)
-                f1 = float(f1_score(yva, pred, average="macro", labels=np.unique(yva),
-                                    zero_division=0))
-                vloss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(yva),
-                                              weight=va_w.cpu()))
-                rec["val_macro_f1"], rec["val_loss"] = f1, vloss
-                # macro-F1 decides; on a tie (small validation splits often tie) the
-                # lower class-weighted validation loss does. Patience counts epochs without
-                # a better macro-F1.
-                if f1 > best_f1 + 1e-6:
-                    bad = 0
-                else:
-                    bad += 1
+            if has_sel:
+                f1, vloss = self._score(evaluated, cells, split.select, ysel, w_sel)
+                rec["select_macro_f1"], rec["select_loss"] = f1, vloss
+                # macro-F1 decides; on a tie (small selection splits often tie) the lower
+                # class-weighted loss does. Patience counts epochs without a better macro-F1.
+                bad = 0 if f1 > best_f1 + 1e-6 else bad + 1
                 if f1 > best_f1 + 1e-6 or (f1 > best_f1 - 1e-6 and vloss < best_loss):
                     best_f1, best_loss, best_epoch = max(f1, best_f1), vloss, epoch + 1
                     best_state = copy.deepcopy(evaluated.state_dict())
-                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val_f1=f"{f1:.3f}")
+                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", select_f1=f"{f1:.3f}")
             history.append(rec)
-            logger.debug("epoch %s", rec)
-            if has_val and bad >= cfg.patience and epoch + 1 >= cfg.min_epochs:
+            logger.debug("epoch %d: train loss %.4f%s%s", rec["epoch"], rec["train_loss"],
+                         "" if rec["alpha_loss"] is None else f", alpha loss {rec['alpha_loss']:.4f}",
+                         f", selection macro-F1 {rec['select_macro_f1']:.3f}" if has_sel else "")
+            if has_sel and bad >= cfg.patience and epoch + 1 >= cfg.min_epochs:
                 break
         bar.close()
         if best_state is not None:
             network.load_state_dict(best_state)
         elif ema is not None:
             network.load_state_dict(ema.module.state_dict())
-        else:
+        if not has_sel:
             best_epoch = len(history)
-        if cfg.refit_epochs > 0 and has_val:
-            self._refit(network, X, codes, gs, weights, batch_size, n_per_epoch, rng, gen)
+
+        refit = {"epochs": 0, "kept": False}
+        final_f1 = best_f1 if has_sel else None
+        if cfg.refit_epochs > 0 and has_sel:
+            before = copy.deepcopy(network.state_dict())
+            self._refit(network, cells, fit_rows, codes[fit_rows], weights, batch_size,
+                        n_per_epoch, rng, gen)
+            f1_refit, _ = self._score(network, cells, split.select, ysel, w_sel)
+            refit = {"epochs": cfg.refit_epochs, "select_macro_f1": f1_refit,
+                     "kept": f1_refit >= best_f1 - 1e-9}
+            if refit["kept"]:
+                final_f1 = f1_refit
+            else:
+                network.load_state_dict(before)
         functional.reset_net(network)
         network.eval()
         metrics = {
             "train_seconds": round(time.perf_counter() - t0, 3),
             "epochs_run": len(history),
             "best_epoch": best_epoch,
-            "val_macro_f1": best_f1 if has_val else None,
-            "n_train": int(split.train.size),
-            "n_val": int(split.val.size),
+            # of the saved model, on cells it never fitted
+            "select_macro_f1": final_f1,
+            "select_macro_f1_best_epoch": best_f1 if has_sel else None,
+            "refit": refit,
+            "n_train": int(train_rows.size),
+            "n_alpha": int(split.alpha.size) if use_bilevel else 0,
+            "n_select": int(split.select.size),
             "bilevel": use_bilevel,
             "unsplit_classes": split.unsplit_classes,
+            "splits": {
+                "train": "fits the synapse weights"
+                + ("" if use_bilevel else " (and the neuron parameters, jointly)"),
+                "alpha": "fits the neuron parameters (upper level)" if use_bilevel
+                else "merged into the training split (no upper level)",
+                "select": "picks the epoch kept and whether the refit is kept; "
+                          "select_macro_f1 is the saved model's score on it",
+                "refit": "training + alpha splits",
+            },
+            "alpha": {"steps": alpha_steps, "rounds": len(ratios), "lr": cfg.alpha_lr,
+                      "smoothness": cfg.smoothness,
+                      "smoothness_grad_ratio": float(np.mean(ratios)) if ratios else None},
+            "neurons": {"start": summary_start, "end": neuron_summary(network.hifi_layers()),
+                        "mean_abs_change": _moved(start, network)},
             "history": history,
         }
         if world > 1:
@@ -339,18 +481,20 @@ class BiLevelTrainer:
                                       "rank_weights_sha256": digests}
         return network, metrics
 
-    def _refit(self, network, X, codes, gs, weights, batch_size, n_per_epoch, rng, gen) -> None:
-        """A few epochs of the synapses on every reference cell (validation cells included),
-        at a tenth of the learning rate, neuron parameters fixed."""
+    def _refit(self, network, cells, rows, y, weights, batch_size, n_per_epoch, rng,
+               gen) -> None:
+        """A few epochs of the synapses on the given cells at a tenth of the learning rate,
+        neuron parameters fixed."""
         cfg = self.cfg
         opt = torch.optim.AdamW(weights, lr=cfg.lr * 0.1, weight_decay=cfg.weight_decay)
-        p_all = self._sampling_weights(codes)
+        p_all = self._sampling_weights(y)
         for _ in range(cfg.refit_epochs):
-            self._epoch(network, opt, X, codes, p_all, gs, n_per_epoch, batch_size, rng, gen)
+            self._epoch(network, opt, cells, rows, y, p_all, n_per_epoch, batch_size, rng, gen)
 
-    def _epoch(self, network, opt, X, y, p, gs, n_draws, batch_size, rng, gen,
+    def _epoch(self, network, opt, cells, rows, y, p, n_draws, batch_size, rng, gen,
                ema=None) -> list[float]:
-        """One epoch of the synapses: ``n_draws`` cells drawn with probabilities ``p``.
+        """One epoch of the synapses: ``n_draws`` cells of ``rows`` drawn with probabilities
+        ``p``.
 
         Under DDP the draw is the same on every rank and each rank trains on its interleaved
         shard of every mini-batch; gradients and batch-norm statistics are averaged.
@@ -361,11 +505,11 @@ class BiLevelTrainer:
         stepped = _stepped(opt) if world > 1 else []
         losses = []
         for s in range(0, n_draws, batch_size):
-            rows = order[s : s + batch_size]
-            if rows.size // world < 2:  # batch norm needs two cells (on every rank)
+            pos = order[s : s + batch_size]
+            if pos.size // world < 2:  # batch norm needs two cells (on every rank)
                 continue
-            mine = distributed.shard(rows, rank, world)
-            xb = _batch(X, mine, gs, self.device)
+            mine = distributed.shard(pos, rank, world)
+            xb = self._tensor(cells, rows[mine])
             yb = torch.from_numpy(y[mine]).to(self.device)
             functional.reset_net(network)
             loss = F.cross_entropy(network(xb, gen), yb, label_smoothing=self.cfg.label_smoothing)
@@ -374,52 +518,85 @@ class BiLevelTrainer:
             value = float(loss.detach())
             if world > 1:
                 value = distributed.all_reduce_step(stepped, _bn_buffers(network), value,
-                                                    mine.size / rows.size)
+                                                    mine.size / pos.size)
             opt.step()
             if ema is not None:
                 ema.update_parameters(network)
             losses.append(value)
         return losses
 
-    def _alpha_step(self, network, Xva, yva, gs, opt_a, va_w, rng, gen, batch_size) -> float:
-        """One pass over the validation split updating only the neuron parameters."""
+    def _alpha_round(self, network, cells, rows, y, opt_a, w_cls, rng, gen,
+                     batch_size) -> tuple[float, float, int]:
+        """``alpha_steps`` steps of the neuron parameters on the alpha split, synapses fixed,
+        the network in evaluation mode (no dropout, batch-norm statistics frozen).
+
+        Returns the mean loss, the ratio of the smoothness term's gradient norm to the task
+        loss's (first step of the round), and the number of steps taken.
+        """
         cfg = self.cfg
-        network.train()
-        alpha_ids = {id(p) for p in network.neuron_parameters()}
+        network.eval()
+        alpha = network.neuron_parameters()
+        alpha_ids = {id(p) for p in alpha}
         frozen = [p for p in network.parameters() if id(p) not in alpha_ids and p.requires_grad]
         for p in frozen:  # no gradient work for the synapses at the upper level
             p.requires_grad_(False)
-        # freeze batch-norm statistics: the validation split must not move them
-        for m in network.modules():
-            if isinstance(m, nn.BatchNorm1d | nn.Dropout):
-                m.eval()
-        # at least alpha_min_steps updates: small validation splits are passed over again
-        n_batches = -(-len(yva) // batch_size)
-        passes = -(-max(cfg.alpha_min_steps, 1) // n_batches)
-        order = np.concatenate([rng.permutation(len(yva)) for _ in range(passes)])
         rank, world = self._rank, self._world
-        w_np = va_w.detach().cpu().numpy().astype(np.float64) if world > 1 else None
-        losses = []
-        for s in range(0, len(order), batch_size):
-            rows = order[s : s + batch_size]
-            mine = distributed.shard(rows, rank, world)
-            opt_a.zero_grad(set_to_none=True)
-            value = 0.0
-            if mine.size:  # under DDP a small last batch can leave a rank without cells
-                xb = _batch(Xva, mine, gs, self.device)
-                yb = torch.from_numpy(yva[mine]).to(self.device)
-                functional.reset_net(network)
-                loss = F.cross_entropy(network(xb, gen), yb, weight=va_w)
-                loss = loss + cfg.smoothness * laplacian_smoothness(network).to(loss.device)
-                loss.backward()
-                value = float(loss.detach())
-            if world > 1:
-                # the class-weighted mean over the global batch: shares by summed class weight
-                share = w_np[yva[mine]].sum() / w_np[yva[rows]].sum()
-                value = distributed.all_reduce_step(_stepped(opt_a), [], value, float(share))
-            opt_a.step()
-            losses.append(value)
-        for p in frozen:
-            p.requires_grad_(True)
-        network.train()
-        return float(np.mean(losses)) if losses else float("nan")
+        w_np = w_cls.detach().cpu().numpy().astype(np.float64) if world > 1 else None
+        n = len(rows)
+        whole = n <= batch_size  # a small split: every step sees all of it
+        cached = self._tensor(cells, rows[distributed.shard(np.arange(n), rank, world)]) \
+            if whole else None
+        order = np.zeros(0, dtype=np.int64)
+        losses, ratio = [], float("nan")
+        try:
+            for step in range(max(int(cfg.alpha_steps), 1)):
+                if whole:
+                    pos = np.arange(n)
+                else:
+                    if order.size < batch_size:
+                        order = np.concatenate([order, rng.permutation(n)])
+                    pos, order = order[:batch_size], order[batch_size:]
+                mine = distributed.shard(pos, rank, world)
+                opt_a.zero_grad(set_to_none=True)
+                value = 0.0
+                if step == 0:
+                    norms = torch.zeros(2, dtype=torch.float64)
+                if mine.size:  # under DDP a small batch can leave a rank without cells
+                    xb = cached if whole else self._tensor(cells, rows[mine])
+                    yb = torch.from_numpy(y[mine]).to(self.device)
+                    functional.reset_net(network)
+                    task = F.cross_entropy(network(xb, gen), yb, weight=w_cls)
+                    smooth = cfg.smoothness * laplacian_smoothness(network).to(task.device)
+                    if step == 0:
+                        norms = self._grad_norms(task, smooth, alpha)
+                    loss = task + smooth
+                    loss.backward()
+                    value = float(loss.detach())
+                if world > 1:
+                    # the class-weighted mean over the global batch: shares by summed weight
+                    share = w_np[y[mine]].sum() / w_np[y[pos]].sum()
+                    value = distributed.all_reduce_step(_stepped(opt_a), [], value,
+                                                        float(share))
+                if step == 0:  # the gradient norms of the first step, averaged over ranks
+                    norms = distributed.all_reduce_mean(norms.to(self.device)).cpu()
+                    ratio = float(norms[1] / norms[0]) if norms[0] > 0 else float("nan")
+                opt_a.step()
+                losses.append(value)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+            functional.reset_net(network)
+            network.train()
+        return float(np.mean(losses)), ratio, len(losses)
+
+    @staticmethod
+    def _grad_norms(task: torch.Tensor, smooth: torch.Tensor,
+                    params: list[nn.Parameter]) -> torch.Tensor:
+        """``[||d task / d alpha||, ||d smooth / d alpha||]``."""
+        out = torch.zeros(2, dtype=torch.float64)
+        for i, term in enumerate((task, smooth)):
+            if term.requires_grad:
+                grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+                out[i] = math.sqrt(sum(float((g.detach() ** 2).sum()) for g in grads
+                                       if g is not None))
+        return out

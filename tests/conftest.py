@@ -30,8 +30,20 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 torch.set_num_threads(1)
 
-#: Small training settings: seconds, not minutes, on two CPU cores.
-SMALL = dict(epochs=6, hidden=(32, 16), n_hvg=200, device="cpu", progress=False)
+#: Small training settings: seconds, not minutes, on two CPU cores (flat, see tl.configs).
+SMALL = dict(epochs=6, hidden=(32, 16), n_hvg=200)
+
+#: Keyword arguments of scsnn.tl.train that are not training settings.
+_TRAIN_ARGS = ("seed", "device", "progress", "genes", "layer", "use_raw", "gene_symbols",
+               "stream_from")
+
+
+def small(**overrides) -> dict:
+    """Keyword arguments for ``scsnn.tl.train``: the small settings with ``overrides`` (flat
+    settings and tl.train's own arguments mixed), on the CPU, without a progress bar."""
+    flat = {**SMALL, **overrides}
+    own = {k: flat.pop(k) for k in _TRAIN_ARGS if k in flat}
+    return {"device": "cpu", "progress": False, **own, **scsnn.tl.configs(**flat)}
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -84,7 +96,7 @@ def pbmc(_pbmc_session) -> ad.AnnData:
 @pytest.fixture(scope="session")
 def pbmc_model(_pbmc_session) -> scsnn.ScsnnModel:
     """A small HIFI model trained once on pbmc68k_reduced (shared by every module)."""
-    return scsnn.tl.train(_pbmc_session, "cell_type", seed=0, **SMALL)
+    return scsnn.tl.train(_pbmc_session, "cell_type", **small(seed=0))
 
 
 @pytest.fixture(scope="session")

@@ -449,3 +449,26 @@ def test_train_stream_from_disk(tmp_path, synth):
     m = scsnn.ScsnnModel.load(tmp_path / "m")
     assert sum(m.metrics["class_counts"].values()) == synth.n_obs
     assert m.settings["streamed_from"] == str(src)
+
+
+def test_train_defaults_are_the_library_defaults():
+    """Every `scsnn train` option named like a setting defaults to the library's value."""
+    import inspect
+
+    from scsnn import cli
+    from scsnn.models import NetworkConfig
+    from scsnn.pp import PreprocessConfig
+    from scsnn.training import TrainConfig
+
+    library = {**PreprocessConfig().to_dict(), **NetworkConfig().to_dict(),
+               **TrainConfig().to_dict()}
+    checked = 0
+    for name, p in inspect.signature(cli.train).parameters.items():
+        if name not in library or name == "seed":
+            continue
+        default = p.default.value if hasattr(p.default, "value") else p.default
+        if name == "hidden":
+            default = [int(x) for x in default.split(",")]
+        assert default == library[name], name
+        checked += 1
+    assert checked >= 12

@@ -141,7 +141,7 @@ WORKER = textwrap.dedent('''
     # first compilation stalled for minutes in processes that had already started gloo
     from scsnn.io import get_expression
     from scsnn.models import NetworkConfig, build_network
-    from scsnn.pp import fit_gene_space
+    from scsnn.pp import ScaledCells, fit_gene_space
     from scsnn.training import BiLevelTrainer, TrainConfig
 
     data = scsnn.datasets.synthetic(n_cells=200, n_genes=120, n_types=3, rare_fraction=0.05,
@@ -182,19 +182,19 @@ WORKER = textwrap.dedent('''
     # the trainer with early stopping (nothing learns at learning rate 0)
     net = build_network(NetworkConfig(n_genes=gs.n_genes, n_classes=len(classes),
                                       hidden=(16, 8)), seed=0)
-    # 30 validation cells in batches of 29: rank 1 gets no cell of the last alpha batch
+    # about 20 alpha cells in batches of 19: some steps leave rank 1 without a cell
     cfg = TrainConfig(epochs=40, patience=2, min_epochs=3, lr=0.0, alpha_lr=0.0,
-                      alpha_interval=1, batch_size=29, min_samples_per_epoch=400,
-                      progress=False)
-    net, m = BiLevelTrainer(cfg, dev).fit(net, X, codes, gs, len(classes))
-    res["n_val"] = m["n_val"]
+                      alpha_interval=1, alpha_steps=4, batch_size=19,
+                      min_samples_per_epoch=400, progress=False)
+    net, m = BiLevelTrainer(cfg, dev).fit(net, ScaledCells(X, gs), codes, len(classes))
+    res["n_alpha"], res["n_select"] = m["n_alpha"], m["n_select"]
     res["epochs_run"] = m["epochs_run"]
     res["history"] = m["history"]
     res["distributed"] = m.get("distributed")
 
     # tl.train trains in the group that exists (scsnn.train under torchrun creates it)
-    model = scsnn.tl.train(data, "cell_type", epochs=1, hidden=(8,), n_hvg=30, device="cpu",
-                           progress=False, refit_epochs=0)
+    model = scsnn.tl.train(data, "cell_type", device="cpu", progress=False,
+                           **scsnn.tl.configs(epochs=1, hidden=(8,), n_hvg=30, refit_epochs=0))
     res["model_id"] = model.model_id
     res["initialized_after"] = torch.distributed.is_initialized()
     with open(f"{out}/rank{r}.json", "w") as f:
@@ -229,7 +229,7 @@ def test_collectives_across_two_processes(worker_results):
 
 def test_early_stopping_and_weights_agree_across_ranks(worker_results):
     r0, r1 = worker_results
-    assert r0["n_val"] == 30
+    assert r0["n_alpha"] == r1["n_alpha"] > 0 and r0["n_select"] == r1["n_select"] > 0
     assert r0["epochs_run"] == r1["epochs_run"] < 40  # both stopped, at the same epoch
     assert r0["history"] == r1["history"]  # losses and validation scores are global
     assert r0["model_id"] == r1["model_id"]

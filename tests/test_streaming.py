@@ -273,7 +273,7 @@ def test_read_h5ad_sample_keeps_rare_classes_whole(tmp_path, synth):
 def test_training_streamed_from_disk_equals_in_memory(tmp_path, synth):
     """With the whole file as the gene-space sample, reading every mini-batch from disk
     trains exactly the model that in-memory training gives."""
-    from conftest import SMALL
+    from conftest import small
 
     from scsnn.io import read_h5ad_sample
 
@@ -281,14 +281,14 @@ def test_training_streamed_from_disk_equals_in_memory(tmp_path, synth):
     synth.write_h5ad(p)
     sample = read_h5ad_sample(p, "cell_type", 10_000)
     assert sample.n_obs == synth.n_obs
-    mem = scsnn.tl.train(sample, "cell_type", seed=0, **SMALL)
-    disk = scsnn.tl.train(sample, "cell_type", seed=0, stream_from=p, **SMALL)
+    mem = scsnn.tl.train(sample, "cell_type", **small(seed=0))
+    disk = scsnn.tl.train(sample, "cell_type", **small(seed=0, stream_from=p))
     assert disk.model_id == mem.model_id
     assert disk.settings["streamed_from"] == str(p)
 
 
 def test_training_streamed_uses_every_labelled_cell(tmp_path, synth):
-    from conftest import SMALL
+    from conftest import small
 
     from scsnn.io import read_h5ad_sample
 
@@ -298,20 +298,20 @@ def test_training_streamed_uses_every_labelled_cell(tmp_path, synth):
     p = tmp_path / "ref.h5ad"
     a.write_h5ad(p)
     sample = read_h5ad_sample(p, "cell_type", 60)
-    m = scsnn.tl.train(sample, "cell_type", seed=0, stream_from=p, **SMALL)
+    m = scsnn.tl.train(sample, "cell_type", **small(seed=0, stream_from=p))
     assert sum(m.metrics["class_counts"].values()) == synth.n_obs - 5 > sample.n_obs
     b = scsnn.tl.annotate(synth, m, device="cpu", copy=True)
     assert (b.obs["scsnn"].astype(str) == synth.obs["cell_type"].astype(str)).mean() > 0.6
 
 
 def test_streamed_training_refuses_a_file_without_the_sample_classes(tmp_path, synth):
-    from conftest import SMALL
+    from conftest import small
 
     other = synth[synth.obs["cell_type"] != "type_0"].copy()
     p = tmp_path / "other.h5ad"
     other.write_h5ad(p)
     with pytest.raises(InputError, match="no cell of class"):
-        scsnn.tl.train(synth, "cell_type", stream_from=p, **SMALL)
+        scsnn.tl.train(synth, "cell_type", **small(stream_from=p))
 
 
 def test_projected_rows_reads_any_order_with_repeats(tmp_path, synth, pbmc_model):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import scanpy as sc
 import scipy.sparse as sp
-from conftest import SMALL, assert_one_line, cuda_only, shared_file
+from conftest import assert_one_line, cuda_only, shared_file, small
 
 import scsnn
 from scsnn.errors import InputError
@@ -190,7 +190,7 @@ def test_gene_symbols_and_reordered_query(pbmc, pbmc_model, pbmc_annotated):
 
 # -- determinism ----------------------------------------------------------------------------
 def test_same_seed_same_model_and_probabilities(_pbmc_session, pbmc_model, pbmc_annotated):
-    again = scsnn.tl.train(_pbmc_session, "cell_type", seed=0, **SMALL)
+    again = scsnn.tl.train(_pbmc_session, "cell_type", **small(seed=0))
     assert again.model_id == pbmc_model.model_id
     assert again.gene_space.genes == pbmc_model.gene_space.genes
     out = scsnn.tl.annotate(_pbmc_session, again, copy=True, device="cpu")
@@ -199,9 +199,8 @@ def test_same_seed_same_model_and_probabilities(_pbmc_session, pbmc_model, pbmc_
 
 
 def test_other_seed_other_model(synth):
-    kw = dict(SMALL, epochs=2)
-    a = scsnn.tl.train(synth, "cell_type", seed=0, **kw)
-    b = scsnn.tl.train(synth, "cell_type", seed=1, **kw)
+    a = scsnn.tl.train(synth, "cell_type", **small(epochs=2, seed=0))
+    b = scsnn.tl.train(synth, "cell_type", **small(epochs=2, seed=1))
     assert a.model_id != b.model_id
 
 
@@ -246,7 +245,7 @@ def _with_tiny_classes(adata):
 def test_one_or_two_cell_classes_train_with_warning(synth, caplog):
     a = _with_tiny_classes(synth)
     with caplog.at_level(logging.WARNING, logger="scsnn"):
-        m = scsnn.tl.train(a, "cell_type", **dict(SMALL, epochs=2))
+        m = scsnn.tl.train(a, "cell_type", **small(epochs=2))
     assert "Singleton (1)" in caplog.text and "Tiny pair (2)" in caplog.text
     assert "too small to split" in caplog.text
     assert "Singleton" in m.classes and "Tiny pair" in m.classes
@@ -258,13 +257,13 @@ def test_one_or_two_cell_classes_train_with_warning(synth, caplog):
 def test_min_cells_per_class_drops_with_message(synth, caplog):
     a = _with_tiny_classes(synth)
     with caplog.at_level(logging.WARNING, logger="scsnn"):
-        m = scsnn.tl.train(a, "cell_type", min_cells_per_class=3, **dict(SMALL, epochs=2))
+        m = scsnn.tl.train(a, "cell_type", **small(epochs=2, min_cells_per_class=3))
     assert "dropping classes with fewer than 3 cells" in caplog.text
     assert "Singleton (1)" in caplog.text and "Tiny pair (2)" in caplog.text
     assert "Singleton" not in m.classes and "Tiny pair" not in m.classes
     assert len(m.classes) == 4
     assert sum(m.metrics["class_counts"].values()) == a.n_obs - 3
-    assert m.metrics["n_train"] + m.metrics["n_val"] == a.n_obs - 3
+    assert m.metrics["n_train"] + m.metrics["n_alpha"] + m.metrics["n_select"] == a.n_obs - 3
 
 
 def test_unlabelled_cells_left_out(synth, caplog):
@@ -273,35 +272,35 @@ def test_unlabelled_cells_left_out(synth, caplog):
     labels[:25] = None
     a.obs["cell_type"] = pd.Categorical(labels)
     with caplog.at_level(logging.WARNING, logger="scsnn"):
-        m = scsnn.tl.train(a, "cell_type", **dict(SMALL, epochs=1))
+        m = scsnn.tl.train(a, "cell_type", **small(epochs=1))
     assert "25 cells without a label" in caplog.text
-    assert m.metrics["n_train"] + m.metrics["n_val"] == a.n_obs - 25
+    assert m.metrics["n_train"] + m.metrics["n_alpha"] + m.metrics["n_select"] == a.n_obs - 25
 
 
 def test_missing_label_key(synth):
     with pytest.raises(InputError, match="label key 'celltype' not in obs") as ei:
-        scsnn.tl.train(synth, "celltype", **SMALL)
+        scsnn.tl.train(synth, "celltype", **small())
     assert_one_line(str(ei.value))
 
 
 def test_single_class_refused(synth):
     synth.obs["one"] = "A"
     with pytest.raises(InputError, match="at least 2 classes"):
-        scsnn.tl.train(synth, "one", **SMALL)
+        scsnn.tl.train(synth, "one", **small())
 
 
 @pytest.mark.parametrize("kw,match", [({"neuron": "izh"}, "unknown neuron"),
                                       ({"encoder": "morse"}, "unknown encoder")])
 def test_unknown_neuron_or_encoder(synth, kw, match):
     with pytest.raises(InputError, match=match):
-        scsnn.tl.train(synth, "cell_type", **{**SMALL, **kw})
+        scsnn.tl.train(synth, "cell_type", **small(**kw))
 
 
 @pytest.mark.parametrize("neuron,encoder", [("lif", "rate"), ("plif", "latency"),
-                                            ("ann", "direct")])
+                                            ("sj-lif", "rank"), ("ann", "direct")])
 def test_other_neurons_and_encoders_end_to_end(synth, neuron, encoder, tmp_path):
-    m = scsnn.tl.train(synth, "cell_type", neuron=neuron, encoder=encoder, timesteps=3,
-                       **dict(SMALL, epochs=3))
+    m = scsnn.tl.train(synth, "cell_type", **small(neuron=neuron, encoder=encoder, timesteps=3,
+                                                   epochs=3))
     assert m.config.neuron == neuron and m.config.encoder == encoder
     m.save(tmp_path / "m")
     a = scsnn.tl.annotate(synth, m, copy=True, device="cpu")
@@ -316,8 +315,8 @@ def test_other_neurons_and_encoders_end_to_end(synth, neuron, encoder, tmp_path)
 def test_end_to_end_cross_platform_cell_lines():
     ref = scsnn.read_h5ad(shared_file("celllines3_celseq2.h5ad"))
     query = scsnn.read_h5ad(shared_file("celllines3_dropseq.h5ad"))
-    m = scsnn.tl.train(ref, "cell_type", genes=list(query.var_names), epochs=10,
-                       hidden=(64, 32), n_hvg=500, device="cpu", progress=False)
+    m = scsnn.tl.train(ref, "cell_type", **small(genes=list(query.var_names), epochs=10,
+                                                 hidden=(64, 32), n_hvg=500))
     assert set(m.genes) <= set(query.var_names)
     scsnn.tl.annotate(query, m, device="cpu")
     rep = scsnn.evaluate(query, "cell_type")
@@ -328,8 +327,7 @@ def test_end_to_end_pbmc_donor_split():
     b = scsnn.read_h5ad(shared_file("pbmc_3batch.h5ad"))
     ref = b[b.obs["donor"] != "3pv1"].copy()
     query = b[b.obs["donor"] == "3pv1"].copy()
-    m = scsnn.tl.train(ref, "cell_type", epochs=15, hidden=(64, 32), n_hvg=500, device="cpu",
-                       progress=False)
+    m = scsnn.tl.train(ref, "cell_type", **small(epochs=15, hidden=(64, 32), n_hvg=500))
     scsnn.tl.annotate(query, m, device="cpu")
     rep = scsnn.evaluate(query, "cell_type")
     assert rep["accuracy"] > 0.8
@@ -351,7 +349,7 @@ def test_annotation_on_cuda_matches_cpu(pbmc, pbmc_model, pbmc_annotated):
 @pytest.mark.gpu
 @cuda_only
 def test_training_on_cuda(_pbmc_session, pbmc_model):
-    m = scsnn.tl.train(_pbmc_session, "cell_type", seed=0, **{**SMALL, "device": "cuda"})
+    m = scsnn.tl.train(_pbmc_session, "cell_type", **small(seed=0, device="cuda"))
     assert m.classes == pbmc_model.classes
     assert m.gene_space.genes == pbmc_model.gene_space.genes
     assert m.settings["device"].startswith("cuda")
@@ -379,12 +377,11 @@ def test_rate_encoder_same_spikes_on_cuda():
 
 
 def test_numpy_integer_seed(synth):
-    m = scsnn.tl.train(synth, "cell_type", seed=np.int64(1), **dict(SMALL, epochs=1))
+    m = scsnn.tl.train(synth, "cell_type", **small(seed=np.int64(1), epochs=1))
     assert m.settings["seed"] == 1
 
 
 def test_numpy_integer_settings_save(synth, tmp_path):
-    kw = dict(SMALL, epochs=np.int64(1), n_hvg=np.int64(50))
-    m = scsnn.tl.train(synth, "cell_type", **kw)
+    m = scsnn.tl.train(synth, "cell_type", **small(epochs=np.int64(1), n_hvg=np.int64(50)))
     m.save(tmp_path / "m")
     assert scsnn.load_model(tmp_path / "m").settings["n_hvg"] == 50
