@@ -1,12 +1,27 @@
 """The HIFI claims, measured: ``scsnn.benchmark`` on every real pairing in ../shared/data.
 
-    python benchmarks/hifi_claims.py --out docs/benchmark_results            # all tasks
-    python benchmarks/hifi_claims.py --tasks pbmc68k,pancreas --encoder latency
+    python benchmarks/hifi_claims.py --table main --out docs/benchmark_results/claims
+    python benchmarks/hifi_claims.py --table ablation --out docs/benchmark_results/claims
+    python benchmarks/hifi_claims.py --table encoders --out docs/benchmark_results/claims
+    python benchmarks/hifi_claims.py --report --out docs/benchmark_results/claims
 
-For each task it runs HIFI, LIF, PLIF, the ANN twin, logistic regression and CellTypist (where
-it can run) on the same genes and splits, and writes ``<task>.md`` / ``<task>.json`` plus
-``summary.md`` (all tables, in order). Labels: ``obs["cell_type"]`` unless the task says
-otherwise (``cell_type_common`` for cross-study PBMC pairs).
+Tables:
+
+* ``main``: HIFI, the fair LIF and PLIF (the same layer with frozen, shared parameters; PLIF
+  with one learnable leak per layer), the ANN twin, logistic regression (plain and
+  class-balanced) and CellTypist on all 12 tasks;
+* ``ablation``: HIFI without the autapse, homogeneous (one value per layer), trained jointly
+  (no bi-level), without smoothness, on the six ablation tasks (the three PBMC ones among them);
+* ``encoders``: HIFI with the direct, rate, latency and rank encoders on all 12 tasks, at the
+  same T.
+
+Every (task, method, encoder, seed) is one job; jobs run in ``--jobs`` processes with one
+torch thread each, and each finished job is appended to ``<out>/rows.jsonl``, so an
+interrupted run resumes where it stopped. ``--report`` (also run after every table) writes
+``<out>/<table>.md`` and ``<out>/summary.json`` from all rows present: per task mean ± sd over
+the seeds, and the tally of wins and ties (a difference smaller than the larger standard
+deviation is a tie). Labels: ``obs["cell_type"]`` unless the task says otherwise
+(``cell_type_common`` for cross-study PBMC pairs).
 """
 
 from __future__ import annotations
@@ -14,34 +29,50 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-
-import anndata as ad
-
-from scsnn import benchmark as bm
+from typing import Any
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+TABLES: dict[str, dict[str, Any]] = {
+    "main": {"methods": ["hifi", "lif", "plif", "ann", "logreg", "logreg-balanced",
+                         "celltypist"], "tasks": None, "encoders": [None]},
+    "ablation": {"methods": ["hifi", "hifi-no-autapse", "hifi-homogeneous", "hifi-joint",
+                             "hifi-no-smoothness"],
+                 "tasks": ["pbmc68k", "pbmc3k", "pbmc_3batch", "pbmc_kang", "lymphnode_pbmc3k",
+                           "pancreas_baron"], "encoders": [None]},
+    "encoders": {"methods": ["hifi"], "tasks": None,
+                 "encoders": ["direct", "rate", "latency", "rank"]},
+}
+#: methods whose result does not depend on the encoder
+_NO_ENCODER = ("logreg", "logreg-balanced", "celltypist")
 
-def _read(d: Path, name: str) -> ad.AnnData:
+
+def _read(d: Path, name: str):
+    import anndata as ad
+
     return ad.read_h5ad(d / f"{name}.h5ad")
 
 
-def _by_obs(a: ad.AnnData, key: str, ref: set[str], query: set[str]) -> tuple[ad.AnnData, ...]:
+def _by_obs(a, key: str, ref: set[str], query: set[str]):
     v = a.obs[key].astype(str)
     return a[v.isin(ref).to_numpy()].copy(), a[v.isin(query).to_numpy()].copy()
 
 
-def _shared_labels(ref: ad.AnnData, query: ad.AnnData, label: str) -> tuple[ad.AnnData, ...]:
+def _shared_labels(ref, query, label: str):
     both = set(ref.obs[label].astype(str)) & set(query.obs[label].astype(str))
     keep = lambda a: a[a.obs[label].astype(str).isin(both).to_numpy()].copy()  # noqa: E731
     return keep(ref), keep(query)
 
 
-def _pair(ref: ad.AnnData, query: ad.AnnData, label: str, shared: bool = True) -> list[bm.Split]:
+def _pair(ref, query, label: str, shared: bool = True) -> list:
+    from scsnn import benchmark as bm
+
     if shared:
         ref, query = _shared_labels(ref, query, label)
     return [bm.pair_split(ref, query, label)]
@@ -49,6 +80,8 @@ def _pair(ref: ad.AnnData, query: ad.AnnData, label: str, shared: bool = True) -
 
 def tasks(d: Path, folds: int, seed: int) -> dict[str, tuple[str, str, Callable[[], Iterator]]]:
     """name -> (description, label key, splits)."""
+    from scsnn import benchmark as bm
+
     cv = lambda name, label="cell_type": lambda: bm.cv_splits(  # noqa: E731
         _read(d, name), label, folds, seed)
     return {
@@ -88,43 +121,235 @@ def tasks(d: Path, folds: int, seed: int) -> dict[str, tuple[str, str, Callable[
     }
 
 
+# -- jobs ------------------------------------------------------------------------------------
+def _init_worker() -> None:
+    os.environ["NUMBA_NUM_THREADS"] = "1"
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("scsnn").setLevel(logging.ERROR)
+    logging.getLogger("torch").setLevel(logging.ERROR)
+
+
+def _key(task: str, method: str, encoder: str | None, seed: int) -> str:
+    return f"{task}|{method}|{encoder or '-'}|{seed}"
+
+
+def run_job(data_dir: str, folds: int, task: str, method: str, encoder: str | None, seed: int,
+            settings: dict[str, Any]) -> dict[str, Any]:
+    """One method, one encoder, one seed on every split of one task."""
+    from scsnn import benchmark as bm
+
+    desc, label, make = tasks(Path(data_dir), folds, 0)[task]
+    kw = dict(settings, device="cpu")
+    if encoder is not None:
+        kw["encoder"] = encoder
+    t0 = time.perf_counter()
+    res = bm.run(list(make()), label, methods=[method], seeds=[seed], train_kwargs=kw)
+    return {"key": _key(task, method, encoder, seed), "task": task, "what": desc,
+            "method": method, "encoder": encoder, "seed": seed, "rows": res["rows"],
+            "celltypist": res["celltypist"], "wall_seconds": time.perf_counter() - t0}
+
+
+def _done(rows_file: Path) -> set[str]:
+    if not rows_file.is_file():
+        return set()
+    return {json.loads(line)["key"] for line in rows_file.read_text().splitlines() if line}
+
+
+def run_table(table: str, args: argparse.Namespace) -> None:
+    spec = TABLES[table]
+    names = args.tasks.split(",") if args.tasks else (spec["tasks"] or list(tasks(
+        args.data_dir, args.folds, 0)))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    encoders = spec["encoders"] if spec["encoders"] != [None] else [None]
+    rows_file = args.out / "rows.jsonl"
+    done = _done(rows_file)
+    jobs = []
+    for task in names:
+        for method in spec["methods"]:
+            for enc in encoders:
+                enc_used = None if method in _NO_ENCODER else (enc or args.encoder)
+                for seed in seeds:
+                    key = _key(task, method, enc_used, seed)
+                    if key not in done and key not in {j[-1] for j in jobs}:
+                        jobs.append((task, method, enc_used, seed, key))
+    print(f"table {table}: {len(jobs)} jobs to run ({len(done)} rows already in {rows_file})",
+          flush=True)
+    settings = {"timesteps": args.timesteps, "epochs": args.epochs}
+    with ProcessPoolExecutor(max_workers=args.jobs, initializer=_init_worker) as pool:
+        futures = {pool.submit(run_job, str(args.data_dir), args.folds, t, m, e, s, settings): k
+                   for t, m, e, s, k in jobs}
+        for fut in as_completed(futures):
+            rec = fut.result()
+            with rows_file.open("a") as f:
+                f.write(json.dumps(rec, default=str) + "\n")
+            f1 = [r.get("macro_f1") for r in rec["rows"] if r.get("macro_f1") is not None]
+            print(f"{rec['key']}: macro-F1 {sum(f1) / len(f1) if f1 else float('nan'):.3f} "
+                  f"({rec['wall_seconds']:.0f} s)", flush=True)
+
+
+# -- report ----------------------------------------------------------------------------------
+def _load(rows_file: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in rows_file.read_text().splitlines() if line]
+
+
+def summaries(records: list[dict[str, Any]], default_encoder: str) -> dict[str, Any]:
+    """task -> variant ("method" or "method@encoder") -> summary over seeds."""
+    from scsnn import benchmark as bm
+
+    by: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for rec in records:
+        name = rec["method"]
+        enc = rec["encoder"]
+        if enc is not None and enc != default_encoder:
+            name = f"{name}@{enc}"
+        for r in rec["rows"]:
+            by.setdefault(rec["task"], {}).setdefault(name, []).append(dict(r, method=name))
+    out: dict[str, Any] = {}
+    for task, variants in by.items():
+        rows = [r for rs in variants.values() for r in rs]
+        out[task] = {s["method"]: s for s in bm.summarise(rows, list(variants))}
+    return out
+
+
+def _cell(s: dict[str, Any] | None, key: str = "macro_f1", fmt: str = "{:.3f}") -> str:
+    if not s or key not in s:
+        return "–" if not s or "unavailable" not in s else "n/a"
+    sd = s.get(f"{key}_sd", 0.0)
+    return fmt.format(s[key]) + (f" ± {fmt.format(sd)}" if sd else "")
+
+
+def _compare(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
+    """'win', 'tie' or 'loss' of a against b on macro-F1 (ties: within the larger sd)."""
+    from scsnn import benchmark as bm
+
+    if not a or not b or "macro_f1" not in a or "macro_f1" not in b:
+        return "n/a"
+    if bm.tie(a, b):
+        return "tie"
+    return "win" if a["macro_f1"] > b["macro_f1"] else "loss"
+
+
+def report(args: argparse.Namespace) -> None:
+    records = _load(args.out / "rows.jsonl")
+    summ = summaries(records, args.encoder)
+    order = [t for t in tasks(args.data_dir, args.folds, 0) if t in summ]
+    lines_all = []
+    for table, spec in TABLES.items():
+        variants = []
+        for m in spec["methods"]:
+            for enc in spec["encoders"]:
+                name = m if (enc in (None, args.encoder) or m in _NO_ENCODER) else f"{m}@{enc}"
+                if name not in variants:
+                    variants.append(name)
+        tnames = [t for t in order if t in (spec["tasks"] or order)]
+        present = [t for t in tnames if any(v in summ[t] for v in variants)]
+        if not present:
+            continue
+        lines = [f"## {table}", "",
+                 "macro-F1, mean ± sd over training seeds; **bold** = best of the row, "
+                 "_italic_ = tied with the best (difference under the larger sd).", "",
+                 "| task | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+        for t in present:
+            row = summ[t]
+            cands = [row[v] for v in variants if v in row and "macro_f1" in row[v]]
+            best = max(cands, key=lambda s: s["macro_f1"]) if cands else None
+            cells = []
+            for v in variants:
+                s = row.get(v)
+                c = _cell(s)
+                if s is best:
+                    c = f"**{c}**"
+                elif s is not None and best is not None and _compare(s, best) == "tie":
+                    c = f"_{c}_"
+                cells.append(c)
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        if table == "main":
+            lines += _main_extras(summ, present)
+        if table == "ablation":
+            lines += _tally(summ, present, "hifi", [v for v in variants if v != "hifi"])
+        if table == "encoders":
+            lines += _encoder_extras(summ, present, variants, args.encoder)
+        text = "\n".join(lines) + "\n"
+        (args.out / f"{table}.md").write_text(text)
+        lines_all.append(text)
+    (args.out / "summary.md").write_text("\n".join(lines_all))
+    (args.out / "summary.json").write_text(json.dumps(summ, indent=1, default=str))
+    print("\n".join(lines_all))
+
+
+def _tally(summ: dict[str, Any], present: list[str], ref: str, others: list[str]) -> list[str]:
+    lines = ["", f"{ref} against each (win / tie / loss over the tasks):", ""]
+    for o in others:
+        res = [_compare(summ[t].get(ref), summ[t].get(o)) for t in present]
+        lines.append(f"- {ref} vs {o}: {res.count('win')} / {res.count('tie')} / "
+                     f"{res.count('loss')}")
+    return lines
+
+
+def _main_extras(summ: dict[str, Any], present: list[str]) -> list[str]:
+    lines = _tally(summ, present, "hifi", ["lif", "plif", "ann", "logreg", "logreg-balanced",
+                                           "celltypist"])
+    lines += ["", "| task | rare mean recall hifi / lif / plif / logreg | steps to 99 % hifi / "
+              "lif / plif | E_ANN/E_SNN hifi / lif / plif | spike rate per layer hifi |",
+              "|---|---|---|---|---|"]
+    for t in present:
+        r = summ[t]
+
+        def g(m, k, f="{:.2f}"):
+            return _cell(r.get(m), k, f)
+        rates = r.get("hifi", {}).get("spike_rate_per_layer")
+        lines.append(
+            f"| {t} | {' / '.join(g(m, 'rare_mean_recall') for m in ('hifi', 'lif', 'plif', 'logreg'))}"
+            f" | {' / '.join(g(m, 'steps_to_99pct', '{:.1f}') for m in ('hifi', 'lif', 'plif'))}"
+            f" | {' / '.join(g(m, 'energy_ratio', '{:.1f}') for m in ('hifi', 'lif', 'plif'))}"
+            f" | {' / '.join(f'{x:.3f}' for x in rates) if rates else '–'} |")
+    return lines
+
+
+def _encoder_extras(summ: dict[str, Any], present: list[str], variants: list[str],
+                    default: str) -> list[str]:
+    import numpy as np
+
+    lines = ["", "| encoder | mean macro-F1 over the tasks | mean difference to direct | "
+             "E_ANN/E_SNN on pbmc68k / pbmc3k / pbmc_3batch |", "|---|---|---|---|"]
+    direct = "hifi" if default == "direct" else "hifi@direct"
+    for v in variants:
+        f1 = [summ[t][v]["macro_f1"] for t in present if v in summ[t] and direct in summ[t]]
+        d = [summ[t][v]["macro_f1"] - summ[t][direct]["macro_f1"] for t in present
+             if v in summ[t] and direct in summ[t]]
+        e = [_cell(summ[t].get(v), "energy_ratio", "{:.1f}") for t in
+             ("pbmc68k", "pbmc3k", "pbmc_3batch") if t in summ]
+        lines.append(f"| {v} | {np.mean(f1):.4f} ({len(f1)} tasks) | {np.mean(d):+.4f} | "
+                     f"{' / '.join(e)} |" if f1 else f"| {v} | – | – | – |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tasks", default=None, help="comma-separated (default: all)")
-    ap.add_argument("--methods", default=",".join(bm.DEFAULT_METHODS))
-    ap.add_argument("--encoder", default="direct")
+    ap.add_argument("--table", choices=list(TABLES), action="append",
+                    help="table(s) to run (repeat the option for several)")
+    ap.add_argument("--report", action="store_true", help="only write the report")
+    ap.add_argument("--tasks", default=None, help="comma-separated (default: the table's)")
+    ap.add_argument("--seeds", default="0,1,2", help="training seeds")
+    ap.add_argument("--encoder", default="latency", help="encoder of the scsnn networks "
+                    "outside the encoder table (the default encoder)")
     ap.add_argument("--timesteps", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=2, help="parallel processes (one thread each)")
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--out", type=Path, default=Path("benchmark_results"))
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    logging.getLogger("torch").setLevel(logging.ERROR)
-
-    available = tasks(args.data_dir, args.folds, args.seed)
-    names = args.tasks.split(",") if args.tasks else list(available)
-    unknown = set(names) - set(available)
-    if unknown:
-        raise SystemExit(f"unknown task(s) {sorted(unknown)}; choose from {list(available)}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    kw = {"encoder": args.encoder, "timesteps": args.timesteps, "epochs": args.epochs,
-          "device": "cpu"}
     args.out.mkdir(parents=True, exist_ok=True)
-    tables = []
-    for name in names:
-        desc, label, make = available[name]
-        t0 = time.perf_counter()
-        res = bm.run(list(make()), label, methods=methods, seed=args.seed, train_kwargs=kw)
-        res.update(task=name, what=desc, settings=kw | {"seed": args.seed, "folds": args.folds})
-        res["wall_seconds"] = time.perf_counter() - t0
-        table = bm.markdown(res, f"{name}: {desc} (encoder {args.encoder}, T={args.timesteps})")
-        (args.out / f"{name}.md").write_text(table + "\n")
-        (args.out / f"{name}.json").write_text(json.dumps(res, indent=1, default=str))
-        tables.append(table)
-        print(table, f"\n({res['wall_seconds']:.0f} s)\n", flush=True)
-    (args.out / "summary.md").write_text("\n\n".join(tables) + "\n")
+    if not args.report:
+        for table in args.table or ["main"]:
+            run_table(table, args)
+    report(args)
 
 
 if __name__ == "__main__":

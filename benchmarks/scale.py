@@ -74,8 +74,9 @@ def step_scsnn_train(a: argparse.Namespace) -> dict:
         ref = read_h5ad_sample(a.ref, "cell_type", a.max_train_cells, seed=0)
     else:
         ref = scsnn.read_h5ad(a.ref)
-    model = scsnn.tl.train(ref, "cell_type", seed=0, timesteps=a.t, device="cpu",
-                           progress=False, stream_from=a.ref if a.stream_train else None)
+    model = scsnn.tl.train(ref, "cell_type", seed=0, device="cpu", progress=False,
+                           stream_from=a.ref if a.stream_train else None,
+                           **scsnn.tl.configs(timesteps=a.t))
     model.save(a.model)
     wall = time.perf_counter() - t
     return {"seconds": wall, "peak_rss_mb": _peak_mb(), "cells": int(ref.n_obs),
