@@ -335,8 +335,8 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="only write the report")
     ap.add_argument("--tasks", default=None, help="comma-separated (default: the table's)")
     ap.add_argument("--seeds", default="0,1,2", help="training seeds")
-    ap.add_argument("--encoder", default="latency", help="encoder of the scsnn networks "
-                    "outside the encoder table (the default encoder)")
+    ap.add_argument("--encoder", default=None, help="encoder of the scsnn networks outside "
+                    "the encoder table (default: scsnn's default encoder)")
     ap.add_argument("--timesteps", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--folds", type=int, default=5)
@@ -344,6 +344,10 @@ def main() -> None:
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--out", type=Path, default=Path("benchmark_results"))
     args = ap.parse_args()
+    if args.encoder is None:
+        from scsnn.models import NetworkConfig
+
+        args.encoder = NetworkConfig().encoder
     warnings.filterwarnings("ignore")
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report:

@@ -55,6 +55,10 @@ class NetworkConfig:
     norm_affine
         Batch norm after each linear layer with a learnable per-neuron scale and shift (True)
         or a plain standardisation (False).
+    norm_per_step
+        Batch norm through time (BNTT: statistics, scale and shift of their own at every time
+        step, so that a layer can weigh early and late input spikes differently) instead of
+        one batch norm shared by all steps.
     dropout, input_dropout
         Dropout between hidden layers, and of whole input genes.
     clip
@@ -65,13 +69,14 @@ class NetworkConfig:
     n_classes: int = 0
     hidden: tuple[int, ...] = (512, 128)
     timesteps: int = 4
-    encoder: str = "direct"
+    encoder: str = "latency"
     rank_n: int = 128
     neuron: str = "hifi"
     heterogeneous: bool = True
     autapse: bool = True
     online: bool = False
     norm_affine: bool = True
+    norm_per_step: bool = False
     dropout: float = 0.2
     input_dropout: float = 0.2
     clip: float = 10.0
@@ -121,6 +126,45 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+class StepBatchNorm(nn.Module):
+    """Batch norm through time (BNTT, Kim and Panda 2021) over ``[T, N, F]``: every time step
+    has its own running statistics and, with ``affine``, its own per-feature scale and
+    shift."""
+
+    def __init__(self, timesteps: int, n_features: int, *, affine: bool = True,
+                 eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.timesteps, self.n_features = int(timesteps), int(n_features)
+        self.eps, self.momentum, self.affine = float(eps), float(momentum), bool(affine)
+        shape = (self.timesteps, self.n_features)
+        if affine:
+            self.weight = nn.Parameter(torch.ones(shape))
+            self.bias = nn.Parameter(torch.zeros(shape))
+        else:
+            self.weight = self.bias = None
+        self.register_buffer("running_mean", torch.zeros(shape))
+        self.register_buffer("running_var", torch.ones(shape))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            n = y.shape[1]
+            mean = y.mean(1)
+            var = y.var(1, unbiased=False)
+            with torch.no_grad():
+                unbiased = var * (n / max(n - 1, 1))
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_var.lerp_(unbiased.detach(), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        out = (y - mean.unsqueeze(1)) * torch.rsqrt(var + self.eps).unsqueeze(1)
+        if self.affine:
+            out = out * self.weight.unsqueeze(1) + self.bias.unsqueeze(1)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"timesteps={self.timesteps}, features={self.n_features}, affine={self.affine}"
+
+
 class SpikingClassifier(nn.Module):
     """Linear layers with spiking neurons between them; the class scores are the output
     layer's potential accumulated over the T steps.
@@ -137,7 +181,12 @@ class SpikingClassifier(nn.Module):
         self.input_dropout = Dropout(cfg.input_dropout)
         sizes = [cfg.n_genes, *cfg.hidden]
         self.fcs = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
-        self.norms = nn.ModuleList(nn.BatchNorm1d(b, affine=cfg.norm_affine) for b in sizes[1:])
+        if cfg.norm_per_step:
+            self.norms = nn.ModuleList(StepBatchNorm(cfg.timesteps, b, affine=cfg.norm_affine)
+                                       for b in sizes[1:])
+        else:
+            self.norms = nn.ModuleList(nn.BatchNorm1d(b, affine=cfg.norm_affine)
+                                       for b in sizes[1:])
         self.spiking = nn.ModuleList(
             make_neuron(cfg.neuron, b, online=cfg.online, autapse=cfg.autapse,
                         heterogeneous=cfg.heterogeneous, generator=generator)
@@ -151,8 +200,10 @@ class SpikingClassifier(nn.Module):
     def _layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Linear + batch norm over a ``[T, N, F]`` sequence."""
         T, N = x.shape[:2]
-        y = self.norms[i](self.fcs[i](x.reshape(T * N, -1)))
-        return y.view(T, N, -1)
+        y = self.fcs[i](x.reshape(T * N, -1))
+        if self.cfg.norm_per_step:
+            return self.norms[i](y.view(T, N, -1))
+        return self.norms[i](y).view(T, N, -1)
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The input spike trains ``[T, N, G]`` of a spike encoder; in training, input dropout
@@ -169,8 +220,12 @@ class SpikingClassifier(nn.Module):
         if self.encoder.constant:
             # same analog input at every step: compute the first layer once per cell
             x = self.input_dropout(x)
-            y = self.norms[0](self.fcs[0](x))
-            seq = y.unsqueeze(0).expand(T, *y.shape)
+            y = self.fcs[0](x)
+            if self.cfg.norm_per_step:
+                seq = self.norms[0](y.unsqueeze(0).expand(T, *y.shape))
+            else:
+                y = self.norms[0](y)
+                seq = y.unsqueeze(0).expand(T, *y.shape)
         else:
             spikes_in = self.encode(x, generator)
             if self.counter is not None:

@@ -223,9 +223,11 @@ def _bn_buffers(network: nn.Module) -> list[torch.Tensor]:
     """Running statistics of the batch-norm layers that update them (those in train mode)."""
     out: list[torch.Tensor] = []
     for m in network.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training \
-                and m.track_running_stats:
-            out.extend([m.running_mean, m.running_var])
+        if not m.training or not isinstance(getattr(m, "running_mean", None), torch.Tensor):
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats:
+            continue
+        out.extend([m.running_mean, m.running_var])
     return out
 
 

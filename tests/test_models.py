@@ -178,3 +178,20 @@ def test_predict_batches_reproducible_and_chunkable():
     assert not np.array_equal(predict_batches(net, x, seed=6).logits, a.logits)
     empty = predict_batches(net, [], seed=5)
     assert empty.logits.shape == (0, 3) and empty.step_labels.shape == (0, 3)
+
+
+def test_step_batch_norm_is_batch_norm_per_time_step():
+    from scsnn.models import StepBatchNorm
+
+    x = torch.randn(3, 40, 6, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    bntt = StepBatchNorm(3, 6)
+    y = bntt(x)
+    for t in range(3):
+        ref = torch.nn.BatchNorm1d(6)
+        np.testing.assert_allclose(ref(x[t]).detach(), y[t].detach(), atol=1e-5)
+        np.testing.assert_allclose(ref.running_mean, bntt.running_mean[t], atol=1e-6)
+        np.testing.assert_allclose(ref.running_var, bntt.running_var[t], atol=1e-5)
+    net = build_network(_cfg(norm_per_step=True, encoder="latency"), seed=0)
+    assert isinstance(net.norms[0], StepBatchNorm) and net.norms[0].weight.shape == (3, 8)
+    functional.reset_net(net)
+    assert net(_x()).shape == (5, 3)
