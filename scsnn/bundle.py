@@ -142,25 +142,37 @@ class ScsnnModel:
 
     # -- persistence ---------------------------------------------------------------------
     def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
-        """Write the model directory (``weights.safetensors`` + ``model.json``)."""
+        """Write the model directory (``weights.safetensors`` + ``model.json``).
+
+        Crash-safe: both files are written to temporary files first; ``model.json`` (which
+        holds the checksum of its weights) is renamed into place first, then the weights.
+        A process killed before the first rename leaves the previous model as it was; one
+        killed between the two leaves the new weights in their temporary file, which
+        :meth:`load` recognises by the checksum and uses (finishing the rename). So the
+        directory always holds the old model, the new one, or (on a first save) none.
+        """
         d = Path(path)
         if d.exists() and not d.is_dir():
             raise ModelError(f"cannot save the model: {d} exists and is not a directory")
         if (d / META_FILE).exists() and not overwrite:
             raise ModelError(f"a model already exists in {d}")
         d.mkdir(parents=True, exist_ok=True)
+        _finish_interrupted_save(d)  # so that writing the temporary files loses nothing
         self.model_id = self.model_id or self.compute_id()
-        tmp_w, tmp_m = d / f".{WEIGHTS_FILE}.tmp", d / f".{META_FILE}.tmp"
+        tmp_w, tmp_m = d / _PENDING_WEIGHTS, d / f".{META_FILE}.tmp"
+        committed = [False]
         try:
-            self._write(d, tmp_w, tmp_m)
+            self._write(d, tmp_w, tmp_m, committed)
         except BaseException:
-            tmp_w.unlink(missing_ok=True)
+            if not committed[0]:  # after the commit the pending weights are the model
+                tmp_w.unlink(missing_ok=True)
             tmp_m.unlink(missing_ok=True)
             raise
         return d
 
-    def _write(self, d: Path, tmp_w: Path, tmp_m: Path) -> None:
+    def _write(self, d: Path, tmp_w: Path, tmp_m: Path, committed: list[bool]) -> None:
         save_file(self.state_tensors(), str(tmp_w), metadata={"format": MODEL_FORMAT})
+        _fsync(tmp_w)
         digest = hashlib.sha256(tmp_w.read_bytes()).hexdigest()
         meta = {
             "format": MODEL_FORMAT,
@@ -177,10 +189,17 @@ class ScsnnModel:
         }
         tmp_m.write_text(json.dumps(_finite(json.loads(json.dumps(meta, default=_json_default))),
                                  indent=1, allow_nan=False))
+        _fsync(tmp_m)
         for tmp in (tmp_w, tmp_m):
             os.chmod(tmp, file_mode(d / WEIGHTS_FILE))
-        os.replace(tmp_w, d / WEIGHTS_FILE)
-        os.replace(tmp_m, d / META_FILE)
+        os.replace(tmp_m, d / META_FILE)  # the commit: model.json names the new weights
+        committed[0] = True
+        try:
+            os.replace(tmp_w, d / WEIGHTS_FILE)
+        except FileNotFoundError:  # a load in between finished the rename for us
+            if not _weights_match(d / WEIGHTS_FILE, digest):
+                raise
+        _fsync(d)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> ScsnnModel:
@@ -205,14 +224,21 @@ class ScsnnModel:
                 f"model schema {version} is newer than this scsnn ({__version__}) reads "
                 f"(schema {SCHEMA_VERSION}); upgrade scsnn"
             )
-        if not w_path.is_file():
-            raise ModelError(f"damaged model: {w_path} is missing")
         weights = meta.get("weights")
         expected = weights.get("sha256") if isinstance(weights, dict) else None
         if not expected:
             raise ModelError(f"damaged model: {meta_path} has no weights checksum")
-        if expected and hashlib.sha256(w_path.read_bytes()).hexdigest() != expected:
-            raise ModelError(f"damaged model: {w_path} does not match its checksum")
+        if not _weights_match(w_path, expected):
+            # a save killed between its two renames: the weights wait in their temporary file
+            pending = d / _PENDING_WEIGHTS
+            if _weights_match(pending, expected):
+                _finish_interrupted_save(d)
+                if not _weights_match(w_path, expected):  # a read-only folder
+                    w_path = pending
+            elif not w_path.is_file():
+                raise ModelError(f"damaged model: {w_path} is missing")
+            else:
+                raise ModelError(f"damaged model: {w_path} does not match its checksum")
         try:
             cfg = NetworkConfig.from_dict(_upgrade_network(dict(meta["network"]), version))
             gene_space = GeneSpace.from_dict(meta["gene_space"])
@@ -240,6 +266,53 @@ class ScsnnModel:
             metrics=meta.get("metrics", {}),
             model_id=str(meta.get("model_id", "")),
         )
+
+
+_PENDING_WEIGHTS = f".{WEIGHTS_FILE}.tmp"
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a directory's entries) to disk; a no-op where that is not possible."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _weights_match(path: Path, sha256: str) -> bool:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() == sha256
+    except OSError:
+        return False
+
+
+def _finish_interrupted_save(d: Path) -> bool:
+    """Complete a save that was killed after committing ``model.json`` and before renaming
+    its weights into place. True when the directory holds a consistent model afterwards
+    (or nothing was pending); False when the rename was needed but not possible (a
+    read-only directory: :meth:`ScsnnModel.load` then reads the pending file)."""
+    pending, meta_path = d / _PENDING_WEIGHTS, d / META_FILE
+    if not pending.is_file() or not meta_path.is_file():
+        return True
+    try:
+        expected = json.loads(meta_path.read_text())["weights"]["sha256"]
+    except Exception:
+        return True  # nothing this save can recover; the next write replaces the file
+    if not _weights_match(pending, expected) or _weights_match(d / WEIGHTS_FILE, expected):
+        return True
+    try:
+        os.replace(pending, d / WEIGHTS_FILE)
+    except OSError:
+        return False
+    _fsync(d)
+    logger.info("finished an interrupted save of the model in %s", d)
+    return True
 
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> ScsnnModel:

@@ -1,6 +1,7 @@
 """Preprocessing recorded as a reusable *gene space*.
 
-On the reference, :func:`fit_gene_space` normalises (library size + log1p, when given counts),
+On the reference, :func:`fit_gene_space` normalises (library size + log1p, when given counts
+or scaled values such as CPM/TPM),
 selects genes (highly variable genes plus the top marker genes of every class, so that a
 class of ten cells keeps its markers), and records standardisation statistics. The resulting
 :class:`GeneSpace` is stored in the model and re-applied, unchanged, to every query.
@@ -22,7 +23,7 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from .errors import InputError
-from .io import Expression, H5adRows, match_genes
+from .io import Expression, H5adRows, kind_action, kind_words, match_genes
 
 logger = logging.getLogger("scsnn")
 
@@ -30,13 +31,21 @@ TARGET_SUM = 1e4
 
 
 def log_normalize(expr: Expression, *, target_sum: float = TARGET_SUM) -> sp.csr_matrix:
-    """Library-size normalisation and log1p (scanpy) for counts; log-normalised data pass as they are.
+    """Bring an expression matrix to log1p of values normalised to ``target_sum`` per cell.
+
+    Raw counts and scaled values (CP10k, CPM, TPM, FPKM: ``kind="scaled"``) are normalised
+    per cell (scanpy's ``normalize_total``: ``x / rowsum * target_sum``) and
+    log1p-transformed, so that TPM-like input becomes ``log1p(TPM / 100)``; log-normalised
+    data (``kind="lognorm"``) pass as they are. Cells without any expression stay zero.
 
     Works on all genes of the matrix, so that library sizes are those of the whole profile.
     Returns a new CSR float32 matrix; the input is not modified.
     """
     if expr.kind == "lognorm":
         return expr.X
+    if expr.kind not in ("counts", "scaled"):
+        raise InputError(f"unknown kind of expression values '{expr.kind}' "
+                         "(counts, scaled or lognorm)")
     tmp = ad.AnnData(X=expr.X.copy())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -291,12 +300,13 @@ def fit_gene_space(
         markers=markers,
     )
     logger.info(
-        "gene space: %d genes (%d highly variable + %d class markers) from %s (%s)",
+        "gene space: %d genes (%d highly variable + %d class markers) from %s (%s, %s)",
         gs.n_genes,
         n_sel_hvg,
         gs.n_genes - n_sel_hvg,
         expr.source,
-        "raw counts, normalised + log1p" if expr.kind == "counts" else "log-normalised as given",
+        kind_words(expr.kind),
+        kind_action(expr.kind, gs.target_sum),
     )
     return gs, Xsel
 
@@ -332,8 +342,7 @@ class ProjectedRows:
         """The projected cells ``idx`` (positions in this view), in that order."""
         file_rows = self._rows[np.asarray(idx, dtype=np.int64)]
         uniq, inverse = np.unique(file_rows, return_inverse=True)
-        X = self._src.read_rows(uniq)
-        expr = Expression(X=X, genes=self._src.genes, kind=self._kind, source=self._src.source)
+        expr = self._src.expression_rows(uniq, self._kind)
         proj, _ = self._gs.project(expr)
         return proj[inverse]
 

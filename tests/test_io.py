@@ -249,3 +249,65 @@ def test_backed_read_gives_same_expression(tmp_path):
         np.testing.assert_array_equal(ex.X.toarray(), COUNTS)
     finally:
         b.file.close()
+
+
+# -- writing: refused before any work, full disks, slot names ----------------------------------
+def test_check_writable(tmp_path):
+    io.check_writable(tmp_path / "new" / "deeper" / "out.h5ad")  # made later: fine
+    assert not (tmp_path / "new").exists()  # the check creates nothing
+    io.check_writable(tmp_path / "model", folder=True)
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(InputError, match="is not a directory") as ei:
+        io.check_writable(f / "out.h5ad")
+    assert_one_line(str(ei.value))
+    with pytest.raises(InputError, match="exists and is not a directory"):
+        io.check_writable(f, folder=True)
+    with pytest.raises(InputError, match="it is a directory"):
+        io.check_writable(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("err", [OSError(28, "No space left on device"),
+                                 OSError(27, "File too large"),
+                                 RuntimeError("Can't write data (file write failed: errno = 28, "
+                                              "error message = 'No space left on device')")])
+def test_full_disk_is_one_line_and_leaves_the_file(tmp_path, monkeypatch, err):
+    p = tmp_path / "out.h5ad"
+    io.write_h5ad_atomic(_adata(COUNTS), p)
+    before = p.read_bytes()
+
+    def full(self, filename, *args, **kwargs):
+        with open(filename, "wb") as fh:
+            fh.write(b"partial")
+        raise err
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", full)
+    with pytest.raises(InputError, match="is full.*out.h5ad is unchanged") as ei:
+        io.write_h5ad_atomic(_adata(COUNTS[:1]), p)
+    assert_one_line(str(ei.value))
+    assert p.read_bytes() == before
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["out.h5ad"]
+    with pytest.raises(InputError, match="new.h5ad was not written"):
+        io.write_h5ad_atomic(_adata(COUNTS[:1]), tmp_path / "new.h5ad")
+
+
+def test_slot_names_that_would_not_read_back_are_refused(tmp_path):
+    a = _adata(COUNTS)
+    a.obs["a/b"] = 1
+    with pytest.raises(InputError, match="obs entry 'a/b'"):
+        io.write_h5ad_atomic(a, tmp_path / "o.h5ad")
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(InputError, match="uns entry ''"):
+        io.check_keys(uns=[""])
+    io.check_keys(obs=["scsnn", "ü x", "a.b"])
+
+
+def test_explicit_zeros_and_duplicates_do_not_change_the_input():
+    X = sp.csr_matrix((np.array([1.0, 0.0, 2.0], dtype=np.float32), np.array([0, 1, 1]),
+                       np.array([0, 2, 3])), shape=(2, 2))
+    data = X.data.copy()
+    a = ad.AnnData(X=X)
+    ex = io.get_expression(a)
+    assert ex.X.nnz == 2 and 0 not in ex.X.data
+    np.testing.assert_array_equal(a.X.data, data)  # the AnnData keeps its stored zero
