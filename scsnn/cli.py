@@ -173,7 +173,7 @@ def train(
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same model on CPU).")] = 0,
     encoder: Annotated[Encoder, typer.Option(
         help="Input encoding: direct (analog current), rate, latency or rank "
-        "(spike trains).")] = Encoder.direct,
+        "(spike trains).")] = Encoder.latency,
     timesteps: Annotated[int, typer.Option("--timesteps", "-T", min=1, max=64,
                                            help="Time steps T.")] = 4,
     rank_n: Annotated[int, typer.Option(min=1, help="Genes that fire per cell with the rank "
@@ -220,6 +220,7 @@ def train(
     if not distributed.is_main_process():  # under torchrun only rank 0 logs and saves
         log.setLevel(logging.ERROR)
 
+    _check_train_job(reference, label_key, out, layer, use_raw, max_cells, stream)
     if stream or max_cells is not None:
         from .io import read_h5ad_sample
 
@@ -293,8 +294,10 @@ def annotate(
     if part is not None and output is None:
         raise typer.BadParameter("--chunk needs --output (a chunk file is not the query)",
                                  param_hint="--chunk")
+    loaded = _check_annotate_job(query, model, output, key_added, layer, use_raw, part,
+                                 chunk_size, batch_size)
     summary = tl.annotate_file(
-        query, model, output=output, key_added=key_added, min_confidence=min_confidence,
+        query, loaded, output=output, key_added=key_added, min_confidence=min_confidence,
         layer=layer, use_raw=use_raw, gene_symbols=gene_symbols,
         min_gene_overlap=min_gene_overlap, early_exit=early_exit, batch_size=batch_size,
         chunk_size=chunk_size, chunk=part, device=device.value,
@@ -304,6 +307,59 @@ def annotate(
                f"(obs['{key_added}'])")
     for lab, n in sorted(summary["labels"].items(), key=lambda kv: -kv[1]):
         typer.echo(f"  {lab}: {n}")
+
+
+def _check_train_job(reference: Path, label_key: str, out: Path, layer: str | None,
+                     use_raw: bool, max_cells: int | None, stream: bool) -> None:
+    """Refuse, before any work, a model folder that cannot be written and a training job
+    whose size (cells x genes x classes, from the file's metadata) exceeds the memory."""
+    from .io import check_memory, check_writable, matrix_info, n_labels, train_advice, train_bytes
+
+    check_writable(out, folder=True)
+    info = matrix_info(reference, layer=layer, use_raw=use_raw) if reference.is_file() else None
+    if info is None:
+        return  # the reader will say what is wrong with the file
+    sample = max_cells if max_cells is not None else 50_000 if stream else None
+    n_cells = info.n_obs if sample is None else min(info.n_obs, sample)
+    n_classes = n_labels(reference, label_key) or 1
+    check_memory(
+        train_bytes(info, n_cells, n_classes),
+        f"training on {n_cells:,} cells x {info.n_vars:,} genes ({info.nnz:,} stored values, "
+        f"{n_classes} classes) of {reference.name}",
+        lambda avail: train_advice(info, n_cells, n_classes, avail,
+                                   sampled=sample is not None, stream=stream))
+
+
+def _check_annotate_job(query: Path, model: Path, output: Path | None, key_added: str,
+                        layer: str | None, use_raw: bool, part: tuple[int, int] | None,
+                        chunk_size: int, batch_size: int) -> Any:
+    """Refuse, before any work, an output that cannot be written, slot names that would
+    not read back, and a job too large for the memory; returns the loaded model."""
+    from .bundle import ScsnnModel
+    from .io import (
+        annotate_advice,
+        annotate_bytes,
+        check_keys,
+        check_memory,
+        check_writable,
+        matrix_info,
+    )
+
+    check_keys(obs=[key_added])
+    check_writable(output if output is not None else query)
+    m = ScsnnModel.load(model, device="cpu")
+    info = matrix_info(query, layer=layer, use_raw=use_raw) if query.is_file() else None
+    if info is None:
+        return m
+    n_cells = info.n_obs if part is None else -(-info.n_obs // part[1])
+    block = -(-chunk_size // batch_size) * batch_size
+    args = (len(m.genes), len(m.classes), int(m.config.timesteps), batch_size)
+    check_memory(
+        annotate_bytes(info, n_cells, block, *args),
+        f"annotating {n_cells:,} cells of {query.name} ({info.n_vars:,} genes, "
+        f"{len(m.classes)} classes, blocks of {min(block, n_cells):,} cells)",
+        lambda avail: annotate_advice(info, n_cells, block, *args, avail))
+    return m
 
 
 def _parse_chunk(text: str) -> tuple[int, int]:
@@ -470,7 +526,7 @@ def benchmark(
         help="Comma-separated training seeds: every method is trained once per seed and the "
         "table shows mean ± sd over them.")] = "0",
     encoder: Annotated[Encoder, typer.Option(help="Input encoding of the scsnn networks.")]
-    = Encoder.direct,
+    = Encoder.latency,
     timesteps: Annotated[int, typer.Option("--timesteps", "-T", min=1, max=64)] = 4,
     epochs: Annotated[int, typer.Option(min=1, help="Maximum training epochs.")] = 40,
     rare_threshold: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.03,

@@ -177,12 +177,11 @@ def train(
     sub = adata[keep] if not keep.all() else adata
     expr = get_expression(sub, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols)
     logger.info(
-        "reference: %d cells, %d genes, %d classes; expression from %s, %s",
+        "reference: %d cells, %d genes, %d classes; %s",
         expr.X.shape[0],
         expr.X.shape[1],
         len(classes),
-        expr.source,
-        "raw counts" if expr.kind == "counts" else "log-normalised values",
+        expr.describe(),
     )
     with torch_threads_kept():
         gs, Xsel = fit_gene_space(
@@ -367,7 +366,7 @@ def annotate(
     expr = get_expression(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols)
     with torch_threads_kept():
         Xq, present = m.gene_space.project(expr)
-    n_present = _check_overlap(m, present, min_gene_overlap)
+    n_present = _check_overlap(m, present, min_gene_overlap, expr)
     dev = resolve_device(device)
     m.network.to(dev)
     try:
@@ -387,7 +386,8 @@ def annotate(
     for k, v in obsm.items():
         adata.obsm[k] = v
     adata.uns[key_added] = uns
-    _log_annotated(adata.n_obs, expr.kind, n_present, m, obs[key_added], min_confidence)
+    _log_annotated(adata.n_obs, expr.kind, n_present, m, obs[key_added], min_confidence,
+                   found=expr.describe(m.gene_space.target_sum))
     return adata if copy else None
 
 
@@ -396,25 +396,42 @@ def _check_confidence(min_confidence: float) -> None:
         raise InputError(f"min_confidence must be between 0 and 1, got {min_confidence}")
 
 
-def _check_overlap(m: ScsnnModel, present: np.ndarray, min_gene_overlap: float) -> int:
+def _check_overlap(m: ScsnnModel, present: np.ndarray, min_gene_overlap: float,
+                   expr: Any = None) -> int:
+    from .io import gene_match_hint
+
     n_present = int(present.sum())
     frac = n_present / m.gene_space.n_genes
+    hint = ""
+    if frac < 0.9 and expr is not None:
+        hint = gene_match_hint(expr.genes, m.gene_space.genes, expr.var, expr.gene_column)
     if frac < min_gene_overlap:
         raise InputError(
             f"query holds {n_present} of the model's {m.gene_space.n_genes} genes "
             f"({frac:.1%}); at least {min_gene_overlap:.0%} are needed "
-            "(check --gene-symbols, or lower --min-gene-overlap)"
+            + (f"({hint}; or lower --min-gene-overlap)" if hint else
+               "(check --gene-symbols, or lower --min-gene-overlap)")
         )
     if frac < 0.9:
+        analog = getattr(getattr(m.network, "encoder", None), "analog", True)
         logger.warning(
-            "query holds only %d of the model's %d genes (%.1f%%); absent genes are set to "
-            "the reference mean", n_present, m.gene_space.n_genes, 100 * frac
+            "query holds only %d of the model's %d genes (%.1f%%); absent genes %s%s",
+            n_present, m.gene_space.n_genes, 100 * frac,
+            "are set to the reference mean" if analog else "never fire (as if not detected)",
+            f" ({hint})" if hint else ""
         )
     return n_present
 
 
 def _log_annotated(n: int, kind: str, n_present: int, m: ScsnnModel, labels: pd.Categorical,
-                   min_confidence: float) -> None:
+                   min_confidence: float, found: str = "") -> None:
+    from .io import kind_mismatch
+
+    if found:
+        logger.info("query: %s", found)
+    mismatch = kind_mismatch(kind, m.gene_space.reference_kind, m.gene_space.target_sum)
+    if mismatch is not None:
+        logger.log(mismatch[0], "%s", mismatch[1])
     n_un = int((np.asarray(labels) == UNASSIGNED).sum()) if min_confidence > 0 else 0
     logger.info(
         "annotated %d cells (%s input, %d/%d model genes present%s)",
@@ -541,7 +558,7 @@ def annotate_file(
     A summary: ``{"n_cells", "output", "labels": {label: count}}``. The slots written are
     those of :func:`annotate`.
     """
-    from .io import H5adRows, chunk_bounds, write_annotations
+    from .io import H5adRows, chunk_bounds, kind_action, write_annotations
 
     m = _as_model(model)
     _check_confidence(min_confidence)
@@ -567,10 +584,11 @@ def annotate_file(
         try:
             for a in range(lo, hi, chunk_size):
                 b = min(hi, a + chunk_size)
+                block = rows.expression(a, b, kind)
                 with torch_threads_kept():
-                    Xq, present = m.gene_space.project(rows.expression(a, b, kind))
+                    Xq, present = m.gene_space.project(block)
                 if not parts:
-                    n_present = _check_overlap(m, present, min_gene_overlap)
+                    n_present = _check_overlap(m, present, min_gene_overlap, block)
                 pred = predict(m.network, Xq, m.gene_space, present, batch_size=batch_size,
                                device=dev, seed=seed, count_spikes=True, early_exit=early_exit,
                                first_batch=a // batch_size)
@@ -595,6 +613,8 @@ def annotate_file(
         )
         obs_all = rows.obs
         n_total = rows.n_obs
+        rows_found = (f"{rows.source} holds {rows.detection.found}: "
+                      f"{kind_action(kind, m.gene_space.target_sum)}" if rows.detection else "")
     obs_names = obs_all.index[lo:hi]
     obs, obsm, uns = _slots(
         m, pred, obs_names, key_added=key_added, min_confidence=min_confidence,
@@ -616,7 +636,8 @@ def annotate_file(
         write_annotations(path, dest, obs=obs, obsm=obsm, uns={key_added: uns},
                           drop_obs=() if early_exit is not None
                           else (f"{key_added}_decision_step",))
-    _log_annotated(len(obs_names), kind, n_present, m, obs[key_added], min_confidence)
+    _log_annotated(len(obs_names), kind, n_present, m, obs[key_added], min_confidence,
+                   found=rows_found)
     counts = pd.Series(np.asarray(obs[key_added])).value_counts()
     return {"n_cells": int(len(obs_names)), "output": str(dest),
             "labels": {str(k): int(v) for k, v in counts.items() if v > 0}}

@@ -292,7 +292,7 @@ def test_schema_1_models_load_or_are_refused_clearly(tmp_path):
     gs = GeneSpace(genes=[f"g{i}" for i in range(20)], mean=rng.random(20).astype(np.float32),
                    std=np.ones(20, dtype=np.float32))
     # schema 1's "lif" was SpikingJelly's LIFNode: it loads as sj-lif
-    cfg = _cfg(neuron="sj-lif")
+    cfg = _cfg(neuron="sj-lif", encoder="direct")
     m = ScsnnModel(gs, ["A", "B", "C"], build_network(cfg).eval(), cfg)
     d = m.save(tmp_path / "old")
 

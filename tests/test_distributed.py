@@ -248,7 +248,7 @@ def test_torchrun_train_command(tmp_path):
     a.write_h5ad(ref)
     out = tmp_path / "model"
     proc = _torchrun(["-m", "scsnn", "train", str(ref), "--label-key", "cell_type",
-                      "--out", str(out), "--epochs", "2", "--hidden", "32,16", "--n-hvg", "100",
+                      "--out", str(out), "--epochs", "4", "--hidden", "32,16", "--n-hvg", "100",
                       "--device", "cpu"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("saved to") == 1, proc.stdout

@@ -52,7 +52,10 @@ def test_annotate_writes_all_slots(pbmc_annotated, pbmc_model):
     np.testing.assert_array_equal(steps[:, -1], P.argmax(1))  # the last step is the decision
     assert f"{KEY}_decision_step" not in a.obs  # only with early exit
     assert uns["latency"]["timesteps"] == T and uns["latency"]["mean_steps"] == T
-    assert 0 < uns["energy"]["ratio_ann_over_snn"] < 10  # direct input: first-layer MACs stay
+    # spike input (the latency encoder): every layer is event-driven, no analog MACs
+    e = uns["energy"]
+    assert e["macs_per_cell"] == 0 and e["sops_per_cell"] > 0 and 0 < e["input_spike_rate"] < 1
+    assert e["ratio_ann_over_snn"] > 1
     assert len(uns["energy"]["spike_rate_per_layer"]) == len(pbmc_model.config.hidden)
     assert list(uns["classes"]) == classes
     assert uns["model"] == pbmc_model.model_id and len(uns["model"]) == 64
@@ -60,7 +63,7 @@ def test_annotate_writes_all_slots(pbmc_annotated, pbmc_model):
     assert uns["gene_overlap"]["n_model_genes"] == pbmc_model.gene_space.n_genes
     assert uns["gene_overlap"]["n_present"] == pbmc_model.gene_space.n_genes
     assert uns["gene_overlap"]["fraction"] == 1.0
-    assert uns["params"]["neuron"] == "hifi" and uns["params"]["encoder"] == "direct"
+    assert uns["params"]["neuron"] == "hifi" and uns["params"]["encoder"] == "latency"
     assert uns["params"]["min_confidence"] == 0.0
 
 
@@ -229,7 +232,7 @@ def test_partial_overlap_warns(pbmc, pbmc_model, caplog):
     q = pbmc[:, [g for g in pbmc.var_names if g not in drop]].copy()
     with caplog.at_level(logging.WARNING, logger="scsnn"):
         scsnn.tl.annotate(q, pbmc_model, device="cpu")
-    assert "absent genes are set to the reference mean" in caplog.text
+    assert "absent genes never fire" in caplog.text
     assert q.uns[KEY]["gene_overlap"]["n_present"] == pbmc_model.gene_space.n_genes - 40
 
 
