@@ -54,6 +54,7 @@ def predict(
     count_spikes: bool = False,
     early_exit: float | None = None,
     first_batch: int = 0,
+    temperature: float = 1.0,
 ) -> Predictions:
     """Run the network over projected cells, mini-batch by mini-batch (only a batch is dense).
 
@@ -67,7 +68,7 @@ def predict(
                for s in range(0, X.shape[0], batch_size))
     return predict_batches(network, batches, device=device, seed=seed,
                            count_spikes=count_spikes, early_exit=early_exit,
-                           first_batch=first_batch)
+                           first_batch=first_batch, temperature=temperature)
 
 
 def _finite(obj: Any) -> Any:
@@ -120,6 +121,14 @@ class ScsnnModel:
     @property
     def genes(self) -> list[str]:
         return self.gene_space.genes
+
+    @property
+    def temperature(self) -> float:
+        """Softmax temperature fitted on held-out reference cells at training (1: none):
+        class probabilities are ``softmax(logits / temperature)``."""
+        cal = self.metrics.get("calibration") if isinstance(self.metrics, dict) else None
+        t = cal.get("temperature") if isinstance(cal, dict) else None
+        return float(t) if isinstance(t, int | float) and t > 0 else 1.0
 
     def __repr__(self) -> str:
         return (

@@ -386,8 +386,12 @@ def predict_batches(
     count_spikes: bool = False,
     early_exit: float | None = None,
     first_batch: int = 0,
+    temperature: float = 1.0,
 ) -> Predictions:
     """Run the network over dense batches of standardised cells ``[n, G]``.
+
+    ``temperature`` divides the logits before the per-step softmax (confidences and the
+    early-exit decision); the returned logits are not divided.
 
     With ``count_spikes`` the spikes of every layer are counted (for energy accounting).
     With ``early_exit`` a cell's decision is the readout at the first step whose top
@@ -410,7 +414,7 @@ def predict_batches(
             xb = torch.as_tensor(xb).to(device)
             functional.reset_net(network)
             y = network.forward_steps(xb, gen).float()  # [T,N,C]
-            p = torch.softmax(y, dim=-1).max(dim=-1)
+            p = torch.softmax(y / float(temperature), dim=-1).max(dim=-1)
             T = y.shape[0]
             if early_exit is None:
                 step = torch.full((y.shape[1],), T - 1, device=y.device)

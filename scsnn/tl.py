@@ -372,7 +372,7 @@ def annotate(
     try:
         pred = predict(m.network, Xq, m.gene_space, present, batch_size=batch_size, device=dev,
                        seed=int(m.settings.get("seed", 0)), count_spikes=True,
-                       early_exit=early_exit)
+                       early_exit=early_exit, temperature=m.temperature)
     finally:
         m.network.to("cpu")
     obs, obsm, uns = _slots(
@@ -469,7 +469,7 @@ def _slots(
     params: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """The obs columns, obsm entries and ``uns[key_added]`` of an annotation."""
-    proba = softmax(pred.logits.astype(np.float64)).astype(np.float32)
+    proba = softmax(pred.logits.astype(np.float64) / m.temperature).astype(np.float32)
     top = proba.argmax(1)
     conf = proba[np.arange(len(top)), top]
     labels = np.asarray(m.classes, dtype=object)[top]
@@ -591,7 +591,7 @@ def annotate_file(
                     n_present = _check_overlap(m, present, min_gene_overlap, block)
                 pred = predict(m.network, Xq, m.gene_space, present, batch_size=batch_size,
                                device=dev, seed=seed, count_spikes=True, early_exit=early_exit,
-                               first_batch=a // batch_size)
+                               first_batch=a // batch_size, temperature=m.temperature)
                 counter.merge(pred.counter)
                 parts.append(pred)
                 logger.debug("annotated cells %d-%d of %d", a, b, rows.n_obs)

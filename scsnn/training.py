@@ -252,6 +252,61 @@ def macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
     return float(np.mean(scores)) if scores else 0.0
 
 
+def expected_calibration_error(proba: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:
+    """ECE: the cell-weighted mean gap between confidence and accuracy over equal-width
+    confidence bins."""
+    conf = proba.max(1)
+    hit = proba.argmax(1) == y
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            total += inside.mean() * abs(conf[inside].mean() - hit[inside].mean())
+    return float(total)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def calibrate(logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Temperature scaling (Guo et al. 2017): the T > 0 that minimises the negative
+    log-likelihood of ``softmax(logits / T)`` on held-out cells (a golden-section search on
+    log T in [-3, 3]). Returns ``{"temperature", "ece_before", "ece_after", "nll_before",
+    "nll_after", "n_cells"}``; probabilities are then ``softmax(logits / temperature)``."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+
+    def nll(log_t: float) -> float:
+        p = _softmax(z / math.exp(log_t))
+        return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
+
+    lo, hi = -3.0, 3.0
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(60):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = nll(b)
+    log_t = (lo + hi) / 2
+    if nll(log_t) > nll(0.0):  # never worse than no calibration on these cells
+        log_t = 0.0
+    t = math.exp(log_t)
+    return {"temperature": t,
+            "ece_before": expected_calibration_error(_softmax(z), y),
+            "ece_after": expected_calibration_error(_softmax(z / t), y),
+            "nll_before": nll(0.0), "nll_after": nll(log_t), "n_cells": int(len(y))}
+
+
 def _moved(start: dict[str, torch.Tensor], network: nn.Module) -> list[dict[str, float]]:
     """Per layer, the mean absolute change of every neuron quantity since ``start``."""
     out = []
@@ -443,6 +498,10 @@ class BiLevelTrainer:
                 final_f1 = f1_refit
             else:
                 network.load_state_dict(before)
+        calibration = None
+        if has_sel:
+            logits = self._predict(network, cells, split.select)
+            calibration = calibrate(logits, ysel)
         functional.reset_net(network)
         network.eval()
         metrics = {
@@ -467,6 +526,8 @@ class BiLevelTrainer:
                           "select_macro_f1 is the saved model's score on it",
                 "refit": "training + alpha splits",
             },
+            # temperature of the softmax, fitted on the selection split (see calibrate)
+            "calibration": calibration,
             "alpha": {"steps": alpha_steps, "rounds": len(ratios), "lr": cfg.alpha_lr,
                       "smoothness": cfg.smoothness,
                       "smoothness_grad_ratio": float(np.mean(ratios)) if ratios else None},

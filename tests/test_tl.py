@@ -388,3 +388,21 @@ def test_numpy_integer_settings_save(synth, tmp_path):
     m = scsnn.tl.train(synth, "cell_type", **small(epochs=np.int64(1), n_hvg=np.int64(50)))
     m.save(tmp_path / "m")
     assert scsnn.load_model(tmp_path / "m").settings["n_hvg"] == 50
+
+
+def test_probabilities_use_the_fitted_temperature(pbmc, pbmc_model):
+    from scsnn.bundle import predict
+
+    t = pbmc_model.temperature
+    cal = pbmc_model.metrics["calibration"]
+    assert t == cal["temperature"] and cal["n_cells"] == pbmc_model.metrics["n_select"]
+    a = scsnn.tl.annotate(pbmc, pbmc_model, copy=True, device="cpu")
+    from scsnn.io import get_expression
+
+    X, present = pbmc_model.gene_space.project(get_expression(pbmc))
+    logits = predict(pbmc_model.network, X, pbmc_model.gene_space, present,
+                     seed=pbmc_model.settings["seed"]).logits.astype(np.float64)
+    z = logits / t
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(a.obsm[f"{KEY}_probabilities"].to_numpy(), p, atol=1e-5)

@@ -294,3 +294,26 @@ def test_stored_metric_is_the_saved_model_on_the_selection_split(prepared):
                                                           logits.argmax(1)))
     assert m["refit"]["epochs"] == 2 and isinstance(m["refit"]["kept"], bool)
     assert set(m["splits"]) == {"train", "alpha", "select", "refit"}
+
+
+def test_temperature_scaling_fits_and_never_hurts():
+    from scsnn.training import calibrate, expected_calibration_error
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 2000)
+    logits = rng.normal(0, 1, (2000, 4))
+    logits[np.arange(2000), y] += 1.0
+    over = calibrate(logits * 4.0, y)  # overconfident: softened (T > 1)
+    assert over["temperature"] > 2.0 and over["ece_after"] < over["ece_before"]
+    under = calibrate(logits * 0.25, y)  # underconfident (label smoothing): sharpened
+    assert under["temperature"] < 0.5 and under["ece_after"] < under["ece_before"]
+    assert under["nll_after"] <= under["nll_before"]
+    p = np.full((3, 2), 0.5)
+    assert expected_calibration_error(p, np.array([0, 1, 0])) == pytest.approx(0.5 - 1 / 3)
+
+
+def test_trained_model_carries_its_calibration(prepared):
+    net, init, m = _fit(prepared, epochs=3)
+    cal = m["calibration"]
+    assert cal["n_cells"] == m["n_select"] and cal["temperature"] > 0
+    assert cal["nll_after"] <= cal["nll_before"] + 1e-9
