@@ -44,8 +44,8 @@ TABLES: dict[str, dict[str, Any]] = {
                          "celltypist"], "tasks": None, "encoders": [None]},
     "ablation": {"methods": ["hifi", "hifi-no-autapse", "hifi-homogeneous", "hifi-joint",
                              "hifi-no-smoothness"],
-                 "tasks": ["pbmc68k", "pbmc3k", "pbmc_3batch", "pbmc_kang", "lymphnode_pbmc3k",
-                           "pancreas_baron"], "encoders": [None]},
+                 "tasks": ["pbmc_3batch", "pbmc_kang", "lymphnode_pbmc3k", "pancreas_baron",
+                           "celllines", "tumour"], "encoders": [None]},
     "encoders": {"methods": ["hifi"], "tasks": None,
                  "encoders": ["direct", "rate", "latency", "rank"]},
 }

@@ -9,7 +9,7 @@ space and files on disk lives in :mod:`scsnn.bundle`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -442,3 +442,56 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+@torch.no_grad()
+def adapt_batchnorm(
+    network: nn.Module,
+    batches: Callable[[], Iterable[np.ndarray | torch.Tensor]],
+    *,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> int:
+    """Test-time adaptation of the batch-norm statistics (AdaBN, Li et al. 2017) to a query.
+
+    Every batch-norm layer's running mean and variance are replaced by those of the query's
+    own cells, layer after layer in forward order (each layer's statistics are computed
+    with the earlier layers already adapted), over all cells that ``batches()`` yields (it
+    is called once per layer; spike encoders draw as :func:`predict_batches` does). The
+    statistics are exact sums over the cells, so any split of the query into batches gives
+    the same result up to float rounding. Learned scales and shifts are kept. Returns the
+    number of layers adapted.
+    """
+    device = torch.device(device)
+    norms = [m for m in network.modules()
+             if isinstance(m, nn.BatchNorm1d | StepBatchNorm) and m.track_running_stats
+             is not False]
+    network.eval()
+    gen = torch.Generator()
+    for norm in norms:
+        acc: dict[str, torch.Tensor | float] = {"s": 0.0, "ss": 0.0, "n": 0.0}
+
+        def capture(mod, args, acc=acc):
+            y = args[0].detach().double()
+            dims = 1 if isinstance(mod, StepBatchNorm) else 0  # per step, or pooled
+            acc["s"] = acc["s"] + y.sum(dims)
+            acc["ss"] = acc["ss"] + (y * y).sum(dims)
+            acc["n"] = acc["n"] + y.shape[dims]
+
+        hook = norm.register_forward_pre_hook(capture)
+        try:
+            for i, xb in enumerate(batches()):
+                gen.manual_seed(batch_seed(seed, i))
+                functional.reset_net(network)
+                network.forward_steps(torch.as_tensor(xb).to(device), gen)
+        finally:
+            hook.remove()
+            functional.reset_net(network)
+        n = float(acc["n"])
+        if n < 2:
+            continue
+        mean = acc["s"] / n
+        var = (acc["ss"] / n - mean * mean).clamp_min(0.0) * (n / (n - 1))
+        norm.running_mean.copy_(mean.to(norm.running_mean.dtype))
+        norm.running_var.copy_(var.to(norm.running_var.dtype))
+    return len(norms)

@@ -60,6 +60,42 @@ def _column_mean_var(X: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.maximum(sq - mean**2, 0.0)
 
 
+def _class_moments(X: sp.csr_matrix, codes: np.ndarray, n_classes: int):
+    """Per class: cell counts, means and variances of every gene (two sparse products)."""
+    n = X.shape[0]
+    ind = sp.csr_matrix(
+        (np.ones(n, dtype=np.float64), (codes, np.arange(n))), shape=(n_classes, n)
+    )
+    counts = np.asarray(ind.sum(axis=1)).ravel()
+    sums = np.asarray((ind @ X).todense())
+    sqs = np.asarray((ind @ X.multiply(X)).todense())
+    mean = sums / np.maximum(counts, 1)[:, None]
+    var = np.maximum(sqs / np.maximum(counts, 1)[:, None] - mean**2, 0.0)
+    return counts, mean, var
+
+
+def nearest_classes(X: sp.csr_matrix, codes: np.ndarray, n_classes: int) -> np.ndarray:
+    """For every class, the most similar other class: the highest Pearson correlation of
+    the classes' mean (log-normalised) profiles."""
+    _, mean, _ = _class_moments(X, codes, n_classes)
+    c = np.corrcoef(mean) if n_classes > 1 else np.ones((1, 1))
+    c = np.nan_to_num(c, nan=-1.0)
+    np.fill_diagonal(c, -np.inf)
+    return c.argmax(1)
+
+
+def pair_scores(X: sp.csr_matrix, codes: np.ndarray, n_classes: int,
+                pairs: list[tuple[int, int]]) -> np.ndarray:
+    """Welch t statistic of every gene between the two classes of each pair,
+    ``(len(pairs), n_genes)`` (positive: higher in the first class)."""
+    counts, mean, var = _class_moments(X, codes, n_classes)
+    out = np.zeros((len(pairs), X.shape[1]))
+    for k, (a, b) in enumerate(pairs):
+        se = np.sqrt(var[a] / max(counts[a], 1) + var[b] / max(counts[b], 1) + 1e-4)
+        out[k] = (mean[a] - mean[b]) / se
+    return out
+
+
 def marker_scores(X: sp.csr_matrix, codes: np.ndarray, n_classes: int) -> np.ndarray:
     """Welch t statistic of each gene for each class against the rest, ``(n_classes, n_genes)``.
 
@@ -95,6 +131,9 @@ class PreprocessConfig:
     n_markers
         Top marker genes kept per class (on top of the HVGs), so a small class keeps its
         markers.
+    n_pair_markers
+        Genes kept per class that best separate it from its nearest class (one-vs-nearest,
+        up in either), on top of the one-vs-rest markers (0: none).
     min_cells_per_class
         Classes with fewer labelled cells are dropped, with a message naming them.
     clip
@@ -103,6 +142,7 @@ class PreprocessConfig:
 
     n_hvg: int = 2000
     n_markers: int = 25
+    n_pair_markers: int = 0
     min_cells_per_class: int = 1
     clip: float = 10.0
 
@@ -221,11 +261,16 @@ def select_genes(
     *,
     n_hvg: int = 2000,
     n_markers: int = 25,
+    n_pair_markers: int = 0,
     min_cells: int = 3,
 ) -> tuple[np.ndarray, int, dict[str, list[str]]]:
-    """Indices of the kept genes: highly variable genes, then each class's top markers.
+    """Indices of the kept genes: highly variable genes, then each class's top markers
+    (one class against all others), then, with ``n_pair_markers``, the genes that best tell
+    every class from its nearest class (up in either of the two), so that a rare subtype's
+    few distinguishing genes are kept even when they do not stand out against all cells.
 
-    Returns ``(indices, number of HVGs, {class: marker genes})``.
+    Returns ``(indices, number of HVGs, {class: marker genes})``; pair markers are listed
+    under ``"<class> vs <nearest class>"``.
     """
     n_cells_expr = np.diff(Xlog.tocsc().indptr)
     unique = ~pd.Index(genes).duplicated(keep="first")
@@ -258,6 +303,19 @@ def select_genes(
             if j not in seen:
                 seen.add(j)
                 chosen.append(j)
+    if n_pair_markers > 0 and len(classes) > 1:
+        nearest = nearest_classes(Xc, codes, len(classes))
+        pairs = [(ci, int(nearest[ci])) for ci in range(len(classes))]
+        ps = pair_scores(Xc, codes, len(classes), pairs)
+        for k, (a, b) in enumerate(pairs):
+            order = np.argsort(-np.abs(ps[k]), kind="stable")[:n_pair_markers]
+            order = order[np.abs(ps[k, order]) > 0]
+            markers[f"{classes[a]} vs {classes[b]}"] = [str(genes[candidates[j]])
+                                                        for j in order]
+            for j in order:
+                if j not in seen:
+                    seen.add(j)
+                    chosen.append(j)
     return candidates[np.asarray(chosen, dtype=np.int64)], int(len(hvg)), markers
 
 
@@ -268,6 +326,7 @@ def fit_gene_space(
     *,
     n_hvg: int = 2000,
     n_markers: int = 25,
+    n_pair_markers: int = 0,
     clip: float = 10.0,
     restrict_genes: list[str] | None = None,
 ) -> tuple[GeneSpace, sp.csr_matrix]:
@@ -284,7 +343,8 @@ def fit_gene_space(
             raise InputError("none of the requested genes is in the reference")
         Xlog, genes = Xlog[:, keep], genes[keep]
     idx, n_sel_hvg, markers = select_genes(
-        Xlog, genes, codes, classes, n_hvg=n_hvg, n_markers=n_markers
+        Xlog, genes, codes, classes, n_hvg=n_hvg, n_markers=n_markers,
+        n_pair_markers=n_pair_markers,
     )
     Xsel = sp.csr_matrix(Xlog[:, idx], dtype=np.float32)
     mean, var = _column_mean_var(Xsel)
@@ -359,11 +419,53 @@ class ProjectedRows:
 class ScaledCells:
     """Standardised cells for the trainer: ``rows(idx)`` is the dense ``[len(idx), genes]``
     float32 block of those cells (any order, repeats allowed), read from a projected CSR
-    matrix or from :class:`ProjectedRows` on disk, one mini-batch at a time."""
+    matrix or from :class:`ProjectedRows` on disk, one mini-batch at a time.
 
-    def __init__(self, X: sp.csr_matrix | ProjectedRows, gene_space: GeneSpace) -> None:
+    With ``rng`` (training batches), ``rows`` can imitate technical variation before the
+    standardisation: ``depth`` = the smallest fraction of a cell's counts kept by binomial
+    thinning (each cell draws its fraction uniformly from [depth, 1]; needs the reference's
+    raw counts, i.e. ``library`` = every cell's total count over all its genes), and
+    ``gene_noise`` = the sd of a per-gene log-normal factor drawn for each batch (a batch
+    effect on single genes).
+    """
+
+    def __init__(self, X: sp.csr_matrix | ProjectedRows, gene_space: GeneSpace, *,
+                 library: np.ndarray | None = None, depth: float = 1.0,
+                 gene_noise: float = 0.0) -> None:
         self.X = X
         self.gene_space = gene_space
+        self.library = None if library is None else np.asarray(library, dtype=np.float64)
+        self.depth = float(depth)
+        self.gene_noise = float(gene_noise)
+
+    @property
+    def augments(self) -> bool:
+        """Whether training batches are augmented at all."""
+        return (self.depth < 1.0 and self.library is not None) or self.gene_noise > 0
+
+    def _augment(self, block: sp.csr_matrix, idx: np.ndarray,
+                 rng: np.random.Generator) -> sp.csr_matrix:
+        x = sp.csr_matrix(block, dtype=np.float64, copy=True)
+        ts = self.gene_space.target_sum
+        if self.depth < 1.0 and self.library is not None:
+            lib = self.library[idx]
+            keep = rng.uniform(self.depth, 1.0, size=len(idx))
+            row = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+            counts = np.rint(np.expm1(x.data) * lib[row] / ts)  # the cell's raw counts
+            thinned = rng.binomial(counts.astype(np.int64), keep[row]).astype(np.float64)
+            x.data = np.log1p(thinned / (lib[row] * keep[row]) * ts)
+        if self.gene_noise > 0:
+            factor = np.exp(rng.normal(0.0, self.gene_noise, size=x.shape[1]))
+            x.data = np.log1p(np.expm1(x.data) * factor[x.indices])
+        x.eliminate_zeros()
+        return x
+
+    def rows(self, idx: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        block = self.X.take_rows(idx) if hasattr(self.X, "take_rows") else self.X[idx]
+        if rng is not None and self.augments:
+            block = self._augment(block, idx, rng)
+        return self.gene_space.scale(block)
 
     def __len__(self) -> int:
         return int(self.X.shape[0])
@@ -371,11 +473,6 @@ class ScaledCells:
     @property
     def n_genes(self) -> int:
         return self.gene_space.n_genes
-
-    def rows(self, idx: np.ndarray) -> np.ndarray:
-        idx = np.asarray(idx, dtype=np.int64)
-        block = self.X.take_rows(idx) if hasattr(self.X, "take_rows") else self.X[idx]
-        return self.gene_space.scale(block)
 
     def digest(self) -> str:
         """Identifies the cells and genes, for checks across training processes."""

@@ -190,6 +190,7 @@ def train(
             classes,
             n_hvg=int(pcfg.n_hvg),
             n_markers=int(pcfg.n_markers),
+            n_pair_markers=int(pcfg.n_pair_markers),
             clip=float(pcfg.clip),
             restrict_genes=list(genes) if genes is not None else None,
         )
@@ -201,8 +202,12 @@ def train(
     except ValueError as exc:
         raise InputError(str(exc)) from None
     _fit_encoder(net, gs, Xsel, seed)
+    # every cell's total count, for the thinning augmentation (raw counts only)
+    library = (np.asarray(expr.X.sum(axis=1), dtype=np.float64).ravel()
+               if expr.kind == "counts" and tcfg.augment_depth < 1.0 else None)
     source = None
     if stream_from is not None:
+        library = None
         source, Xsel, codes, counts = _stream_source(stream_from, label_key, classes, gs,
                                                      expr.kind, layer, use_raw, gene_symbols)
     tcfg = dataclasses.replace(tcfg, seed=seed, progress=progress,
@@ -210,8 +215,9 @@ def train(
     # under torchrun: join the process group, train data-parallel on this rank's device
     try:
         with distributed.process_group(dev) as dev:
-            net, metrics = BiLevelTrainer(tcfg, dev).fit(net, ScaledCells(Xsel, gs), codes,
-                                                         len(classes))
+            cells = ScaledCells(Xsel, gs, library=library, depth=tcfg.augment_depth,
+                                gene_noise=tcfg.augment_gene_noise)
+            net, metrics = BiLevelTrainer(tcfg, dev).fit(net, cells, codes, len(classes))
     finally:
         if source is not None:
             source.close()

@@ -58,8 +58,9 @@ class CellRows(Protocol):
 
     def __len__(self) -> int: ...
 
-    def rows(self, idx: np.ndarray) -> np.ndarray:
-        """Dense standardised ``[len(idx), genes]`` float32 rows, in the order given."""
+    def rows(self, idx: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Dense standardised ``[len(idx), genes]`` float32 rows, in the order given; with
+        ``rng``, a training batch (which the provider may augment)."""
         ...
 
     def digest(self) -> str:
@@ -98,6 +99,16 @@ class TrainConfig:
         Exponent b of the sampling weight ``n_class ** -b`` (0: as in the data, 1: balanced).
     label_smoothing
         Of the training loss.
+    augment_depth, augment_gene_noise
+        Augmentation of training batches that imitates technical variation (see
+        :class:`scsnn.pp.ScaledCells`): binomial thinning of a cell's counts to a fraction
+        drawn from [augment_depth, 1] (1: off; raw-count references only), and a per-gene
+        log-normal factor of sd augment_gene_noise per batch (0: off). Input dropout (of
+        whole genes) is the network's ``input_dropout``.
+    logit_adjust
+        Logit-adjusted training loss (Menon et al. 2021): ``tau * log(prior)`` is added to the
+        logits in the training loss, with the prior the class frequencies of the training
+        draws, so that the network's own logits favour no class for being common (0: off).
     ema_decay
         Decay of the exponential moving average of the weights that is validated and kept
         (0: off).
@@ -126,6 +137,9 @@ class TrainConfig:
     select_fraction: float = 0.1
     class_balance: float = 0.5
     label_smoothing: float = 0.1
+    augment_depth: float = 1.0
+    augment_gene_noise: float = 0.0
+    logit_adjust: float = 0.0
     ema_decay: float = 0.99
     patience: int = 8
     min_epochs: int = 5
@@ -331,8 +345,10 @@ class BiLevelTrainer:
         w = counts[codes].astype(np.float64) ** (-self.cfg.class_balance)
         return w / w.sum()
 
-    def _tensor(self, cells: CellRows, rows: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(cells.rows(rows)).to(self.device)
+    def _tensor(self, cells: CellRows, rows: np.ndarray,
+                rng: np.random.Generator | None = None) -> torch.Tensor:
+        block = cells.rows(rows, rng) if rng is not None else cells.rows(rows)
+        return torch.from_numpy(block).to(self.device)
 
     def _predict(self, network: nn.Module, cells: CellRows, rows: np.ndarray) -> np.ndarray:
         """Logits of the network on the given cells, in eval mode (under DDP: each rank
@@ -420,6 +436,12 @@ class BiLevelTrainer:
         summary_start = neuron_summary(network.hifi_layers())
 
         p_train = self._sampling_weights(ytr)
+        # the prior of the logit-adjusted loss: class frequencies of the training draws
+        prior = np.bincount(ytr, weights=p_train, minlength=n_classes)
+        self._log_prior = torch.tensor(np.log(np.clip(prior, 1e-12, None)),
+                                       dtype=torch.float32, device=self.device)
+        # augmentation of training batches draws from its own stream (the same on every rank)
+        self._aug_rng = np.random.default_rng([cfg.seed, 3])
         # small references get enough updates per epoch; large ones one pass per epoch, and
         # no more than max_samples draws in all (an epoch is capped at max_samples_per_epoch
         # so that large references are checked, and stop, early)
@@ -572,10 +594,13 @@ class BiLevelTrainer:
             if pos.size // world < 2:  # batch norm needs two cells (on every rank)
                 continue
             mine = distributed.shard(pos, rank, world)
-            xb = self._tensor(cells, rows[mine])
+            xb = self._tensor(cells, rows[mine], getattr(self, "_aug_rng", None))
             yb = torch.from_numpy(y[mine]).to(self.device)
             functional.reset_net(network)
-            loss = F.cross_entropy(network(xb, gen), yb, label_smoothing=self.cfg.label_smoothing)
+            logits = network(xb, gen)
+            if self.cfg.logit_adjust:
+                logits = logits + self.cfg.logit_adjust * self._log_prior
+            loss = F.cross_entropy(logits, yb, label_smoothing=self.cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             value = float(loss.detach())

@@ -89,3 +89,35 @@ def test_pbmc68k_reduced_matches_shared_file(data_dir):
     assert set(shipped.var_names) == set(shared.var_names)
     assert (shipped.obs["cell_type"].astype(str).value_counts().sort_index()
             == shared.obs["cell_type"].astype(str).value_counts().sort_index()).all()
+
+
+def test_synthetic_shift_design_and_knobs(tmp_path):
+    ref, q = scsnn.datasets.synthetic_shift(n_cells=3000, n_query=1500, n_genes=600, seed=2)
+    syn = ref.uns["synthetic"]
+    rare = syn["rare_types"]
+    assert len(rare) == 5 and set(rare) <= set(ref.obs["cell_type"].cat.categories)
+    frac = ref.obs["cell_type"].value_counts(normalize=True)
+    for r in rare:  # 0.2-1 % of the cells, present in reference and query
+        assert 0.001 <= frac[r] <= 0.015 and (q.obs["cell_type"] == r).any()
+    assert set(ref.obs["lineage"].cat.categories) == set(scsnn.datasets.SHIFT_LINEAGES)
+    # the query batch: lower depth, another composition; no shift: the same batch
+    def lib(a):
+        return float(np.median(np.asarray(a.X.sum(1)).ravel()))
+
+    lib_r, lib_q = lib(ref), lib(q)
+    assert 0.35 < lib_q / lib_r < 0.65
+    comp_q = q.obs["cell_type"].value_counts(normalize=True)
+    assert np.abs(comp_q[frac.index] - frac).max() > 0.02
+    r0, q0 = scsnn.datasets.synthetic_shift(n_cells=3000, n_query=3000, n_genes=600, seed=2,
+                                            shift=0.0)
+    assert q0.uns["synthetic"]["ambient_fraction"] == 0.0
+    assert 0.9 < lib(q0) / lib(r0) < 1.1
+    assert np.array_equal(r0.X.toarray(), ref.X.toarray())  # the reference does not depend on the shift
+    # written block by block: the same cells as in memory (with the same block size)
+    paths = scsnn.datasets.synthetic_shift(n_cells=3000, n_query=1500, n_genes=600, seed=2,
+                                           chunk=700, out=tmp_path)
+    _, q = scsnn.datasets.synthetic_shift(n_cells=3000, n_query=1500, n_genes=600, seed=2,
+                                          chunk=700)
+    back = scsnn.read_h5ad(paths[1])
+    assert back.obs["cell_type"].tolist() == q.obs["cell_type"].tolist()
+    assert (back.X != q.X).nnz == 0
