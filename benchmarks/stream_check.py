@@ -50,7 +50,7 @@ def in_memory(query: str, model: str, out: str, slice_cells: int) -> dict:
         part = backed[a : a + slice_cells].to_memory()
         scsnn.tl.annotate(part, m, device="cpu")
         labels.append(part.obs["scsnn"].astype(str).to_numpy())
-        proba.append(part.obsm["scsnn_probabilities"].to_numpy())
+        proba.append(np.asarray(part.obsm["scsnn_probabilities"]))
     np.savez(out, labels=np.concatenate(labels), proba=np.concatenate(proba))
     return {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_mb(),
             "slices": -(-n // slice_cells)}
@@ -84,7 +84,7 @@ def main() -> None:
 
         with h5py.File(f"{tmp}/streamed.h5ad", "r") as f:
             s_labels = read_elem(f["obs"])["scsnn"].astype(str).to_numpy()
-            s_proba = read_elem(f["obsm/scsnn_probabilities"]).to_numpy()
+            s_proba = np.asarray(read_elem(f["obsm/scsnn_probabilities"]))
         mem = np.load(f"{tmp}/mem.npz", allow_pickle=True)
     res["cells"] = int(len(s_labels))
     res["label_mismatches"] = int((s_labels != mem["labels"]).sum())

@@ -162,6 +162,26 @@ RareOpt = Annotated[float, typer.Option(min=0.0, max=1.0,
                                         help="A class under this fraction of cells is rare.")]
 RestrictOpt = Annotated[bool, typer.Option(
     help="Evaluate only cells whose true label is a model class.")]
+MajorityOpt = Annotated[bool, typer.Option(
+    "--majority-voting", help="Refine the labels as CellTypist does: every cell of a cluster "
+    "takes the commonest predicted label of its cluster (obs['KEY_majority_voting'], with "
+    "the fraction of the cluster agreeing and its mean probability).")]
+OverClusteringOpt = Annotated[str | None, typer.Option(
+    "--over-clustering", help="obs column of clusters to vote over (e.g. leiden); implies "
+    "--majority-voting. Without it, the query is loaded whole and over-clustered as "
+    "CellTypist does (Leiden at a high resolution).")]
+MinFractionOpt = Annotated[float, typer.Option(
+    "--majority-min-fraction", min=0.0, max=1.0, help="A cluster whose commonest label "
+    "holds fewer of its cells is 'Heterogeneous' (CellTypist's min_prop).")]
+CelltypistOpt = Annotated[bool, typer.Option(
+    "--celltypist-columns", help="Also write CellTypist's obs columns: predicted_labels, "
+    "conf_score, majority_voting, over_clustering.")]
+CsvOpt = Annotated[Path | None, typer.Option(
+    "--csv", help="Also write a per-cell table (cell, predicted_label, confidence, majority "
+    "vote...) to this .csv (.tsv: tab-separated).")]
+CsvProbOpt = Annotated[bool, typer.Option(
+    "--csv-probabilities", help="Add one probability column per class, p(<class>), to "
+    "the --csv table.")]
 
 
 @app.command()
@@ -277,6 +297,12 @@ def annotate(
     chunk: Annotated[str | None, typer.Option(
         help="I/N: annotate only the I-th of N equal blocks of cells (I from 1) and write a "
         "predictions-only file for 'scsnn gather'.")] = None,
+    majority_voting: MajorityOpt = False,
+    over_clustering: OverClusteringOpt = None,
+    majority_min_fraction: MinFractionOpt = 0.0,
+    celltypist_columns: CelltypistOpt = False,
+    csv: CsvOpt = None,
+    csv_probabilities: CsvProbOpt = False,
     layer: LayerOpt = None,
     use_raw: RawOpt = False,
     gene_symbols: SymbolsOpt = None,
@@ -286,7 +312,9 @@ def annotate(
 
     The file is read in blocks of --chunk-size cells and the predictions are written into a
     copy of it (or into the file itself, atomically), so a query larger than memory can be
-    annotated; the result equals an in-memory run.
+    annotated; the result equals an in-memory run. --majority-voting over an obs column
+    (--over-clustering) keeps memory bounded; without one, the query is loaded whole to
+    compute an over-clustering.
     """
     from . import tl
 
@@ -294,19 +322,85 @@ def annotate(
     if part is not None and output is None:
         raise typer.BadParameter("--chunk needs --output (a chunk file is not the query)",
                                  param_hint="--chunk")
+    majority_voting = majority_voting or over_clustering is not None
+    if part is not None and (majority_voting or celltypist_columns):
+        raise typer.BadParameter("majority voting and CellTypist columns need the whole "
+                                 "query: give them to 'scsnn gather', not to each chunk",
+                                 param_hint="--chunk")
+    if csv_probabilities and csv is None:
+        raise typer.BadParameter("--csv-probabilities needs --csv PATH",
+                                 param_hint="--csv-probabilities")
+    dest = output if output is not None else query
+    whole = majority_voting and over_clustering is None
+    _check_csv(csv, query, dest)
     loaded = _check_annotate_job(query, model, output, key_added, layer, use_raw, part,
-                                 chunk_size, batch_size)
-    summary = tl.annotate_file(
-        query, loaded, output=output, key_added=key_added, min_confidence=min_confidence,
-        layer=layer, use_raw=use_raw, gene_symbols=gene_symbols,
-        min_gene_overlap=min_gene_overlap, early_exit=early_exit, batch_size=batch_size,
-        chunk_size=chunk_size, chunk=part, device=device.value,
-    )
+                                 chunk_size, batch_size, whole=whole)
+    options = dict(key_added=key_added, min_confidence=min_confidence, layer=layer,
+                   use_raw=use_raw, gene_symbols=gene_symbols,
+                   min_gene_overlap=min_gene_overlap, early_exit=early_exit,
+                   batch_size=batch_size, device=device.value,
+                   majority_voting=majority_voting, over_clustering=over_clustering,
+                   majority_min_fraction=majority_min_fraction,
+                   celltypist_columns=celltypist_columns)
+    if whole:  # the over-clustering needs the whole matrix: an in-memory run
+        from .io import read_h5ad, write_h5ad_atomic
+
+        adata = read_h5ad(query)
+        tl.annotate(adata, loaded, **options)
+        write_h5ad_atomic(adata, dest)
+        summary = tl._summary(dict(adata.obs.items()), key_added, n_cells=adata.n_obs,
+                              output=str(dest))
+    else:
+        summary = tl.annotate_file(query, loaded, output=output, chunk_size=chunk_size,
+                                   chunk=part, **options)
     what = f" (chunk {chunk})" if part is not None else ""
     typer.echo(f"annotated {summary['n_cells']} cells{what} -> {summary['output']} "
                f"(obs['{key_added}'])")
+    _echo_summary(summary, key_added, min_confidence)
+    if csv is not None:
+        _write_csv(csv, dest, key_added, csv_probabilities)
+
+
+def _echo_summary(summary: dict[str, Any], key_added: str, min_confidence: float) -> None:
+    """Label counts, majority-vote counts, and a warning when most cells are Unassigned."""
+    from .tl import UNASSIGNED_WARN_FRACTION, unassigned_warning
+
     for lab, n in sorted(summary["labels"].items(), key=lambda kv: -kv[1]):
         typer.echo(f"  {lab}: {n}")
+    if "majority_voting" in summary:
+        typer.echo(f"majority voting (obs['{key_added}_majority_voting']):")
+        for lab, n in sorted(summary["majority_voting"].items(), key=lambda kv: -kv[1]):
+            typer.echo(f"  {lab}: {n}")
+    n_un, n = summary.get("n_unassigned", 0), summary["n_cells"]
+    if n and n_un > UNASSIGNED_WARN_FRACTION * n:
+        typer.echo(f"warning: {unassigned_warning(n_un, n, min_confidence)}")
+
+
+def _check_csv(csv: Path | None, *written: Path) -> None:
+    """Refuse, before any work, a table that would replace an .h5ad or cannot be written."""
+    if csv is None:
+        return
+    from .errors import InputError
+    from .io import check_writable
+
+    for p in written:
+        if p is not None and csv.resolve() == p.resolve():
+            raise InputError(f"--csv {csv} would overwrite the .h5ad file: give another path")
+    check_writable(csv)
+
+
+def _write_csv(csv: Path, annotated: Path, key_added: str, probabilities: bool) -> None:
+    """The per-cell table of an annotated file, written atomically."""
+    from .io import atomic_output
+    from .report import read_annotations
+    from .tl import predictions_table
+
+    table = predictions_table(read_annotations(annotated, key_added=key_added), key_added,
+                              probabilities_=probabilities)
+    sep = "\t" if csv.suffix.lower() in (".tsv", ".tab", ".txt") else ","
+    with atomic_output(csv) as tmp:
+        table.to_csv(tmp, sep=sep, index=False)
+    typer.echo(f"table of {len(table)} cells -> {csv}")
 
 
 def _check_train_job(reference: Path, label_key: str, out: Path, layer: str | None,
@@ -332,9 +426,10 @@ def _check_train_job(reference: Path, label_key: str, out: Path, layer: str | No
 
 def _check_annotate_job(query: Path, model: Path, output: Path | None, key_added: str,
                         layer: str | None, use_raw: bool, part: tuple[int, int] | None,
-                        chunk_size: int, batch_size: int) -> Any:
+                        chunk_size: int, batch_size: int, *, whole: bool = False) -> Any:
     """Refuse, before any work, an output that cannot be written, slot names that would
-    not read back, and a job too large for the memory; returns the loaded model."""
+    not read back, and a job too large for the memory; returns the loaded model. ``whole``:
+    the query is loaded whole (an over-clustering is computed on it)."""
     from .bundle import ScsnnModel
     from .io import (
         annotate_advice,
@@ -354,6 +449,16 @@ def _check_annotate_job(query: Path, model: Path, output: Path | None, key_added
     n_cells = info.n_obs if part is None else -(-info.n_obs // part[1])
     block = -(-chunk_size // batch_size) * batch_size
     args = (len(m.genes), len(m.classes), int(m.config.timesteps), batch_size)
+    if whole:  # the matrix, a normalised copy, and the dense scaled highly variable genes
+        from .io import train_bytes
+
+        need = (annotate_bytes(info, n_cells, n_cells, *args)
+                + train_bytes(info, n_cells, 1) + n_cells * min(2000, info.n_vars) * 4 * 3)
+        check_memory(need, f"loading {n_cells:,} cells of {query.name} whole to over-cluster "
+                     "them for majority voting",
+                     "give --over-clustering KEY (an obs column of clusters, e.g. leiden) "
+                     "to vote with bounded memory")
+        return m
     check_memory(
         annotate_bytes(info, n_cells, block, *args),
         f"annotating {n_cells:,} cells of {query.name} ({info.n_vars:,} genes, "
@@ -381,13 +486,34 @@ def gather(
                                                       "--chunk I/N'.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Annotated .h5ad to write.")],
     key_added: UsedKeyOpt = "scsnn",
+    majority_voting: MajorityOpt = False,
+    over_clustering: Annotated[str | None, typer.Option(
+        "--over-clustering", help="obs column of the query with the clusters to vote over "
+        "(e.g. leiden); implies --majority-voting.")] = None,
+    majority_min_fraction: MinFractionOpt = 0.0,
+    celltypist_columns: CelltypistOpt = False,
+    csv: CsvOpt = None,
+    csv_probabilities: CsvProbOpt = False,
 ) -> None:
     """Put the predictions of annotated chunks into one copy of the query."""
     from . import tl
 
-    summary = tl.gather(query, chunks, output, key_added=key_added)
+    if csv_probabilities and csv is None:
+        raise typer.BadParameter("--csv-probabilities needs --csv PATH",
+                                 param_hint="--csv-probabilities")
+    _check_csv(csv, query, output)
+    summary = tl.gather(query, chunks, output, key_added=key_added,
+                        majority_voting=majority_voting, over_clustering=over_clustering,
+                        majority_min_fraction=majority_min_fraction,
+                        celltypist_columns=celltypist_columns)
     typer.echo(f"gathered {summary['n_chunks']} chunks, {summary['n_cells']} cells -> "
                f"{summary['output']}")
+    if "majority_voting" in summary:
+        typer.echo(f"majority voting (obs['{key_added}_majority_voting']):")
+        for lab, n in sorted(summary["majority_voting"].items(), key=lambda kv: -kv[1]):
+            typer.echo(f"  {lab}: {n}")
+    if csv is not None:
+        _write_csv(csv, output, key_added, csv_probabilities)
 
 
 @app.command()

@@ -27,6 +27,9 @@ logger = logging.getLogger("scsnn")
 
 RARE_THRESHOLD = 0.03
 
+#: The label of cells left unassigned (top probability under ``min_confidence``).
+UNASSIGNED = "Unassigned"
+
 
 def classification_report(
     truth: ArrayLike,
@@ -34,12 +37,19 @@ def classification_report(
     *,
     rare_threshold: float = RARE_THRESHOLD,
     model_classes: list[str] | None = None,
+    unassigned: str = UNASSIGNED,
 ) -> dict[str, Any]:
     """Accuracy, macro-F1, balanced accuracy and a per-class table.
 
     Averages run over the true classes present (support > 0). A class is *rare* when it is
     under ``rare_threshold`` of the evaluated cells. Predicted labels that are no true class
     (including "Unassigned") count as errors for the cells that carry them.
+
+    Cells predicted ``unassigned`` are also counted apart: ``n_unassigned`` and
+    ``fraction_unassigned``, and ``assigned`` holds ``n_cells``, ``accuracy``, ``macro_f1``
+    and ``balanced_accuracy`` over the assigned cells only (``None`` when every cell is
+    unassigned), so that a strict ``min_confidence`` is seen for what it does: fewer cells
+    called, and those called more often right.
     """
     t = np.asarray(pd.Series(truth).astype(str))
     p = np.asarray(pd.Series(pred).astype(str))
@@ -80,7 +90,25 @@ def classification_report(
         "per_class": per_class,
         "confusion": {"labels": all_labels, "matrix": cm.tolist()},
     }
+    report.update(_assigned_figures(t, p, unassigned))
     return report
+
+
+def _assigned_figures(t: np.ndarray, p: np.ndarray, unassigned: str) -> dict[str, Any]:
+    """Unassigned cells counted, and the summary metrics over the assigned cells only."""
+    kept = p != unassigned
+    n_un = int((~kept).sum())
+    assigned: dict[str, Any] = {"n_cells": int(kept.sum()), "accuracy": None,
+                                "macro_f1": None, "balanced_accuracy": None}
+    if kept.any():
+        ta, pa = t[kept], p[kept]
+        labels = sorted(np.unique(ta).tolist())
+        _, rec, f1, _ = precision_recall_fscore_support(ta, pa, labels=labels,
+                                                        zero_division=0)
+        assigned.update(accuracy=float(np.mean(ta == pa)), macro_f1=float(np.mean(f1)),
+                        balanced_accuracy=float(np.mean(rec)))
+    return {"unassigned_label": unassigned, "n_unassigned": n_un,
+            "fraction_unassigned": float(n_un / t.size), "assigned": assigned}
 
 
 
@@ -106,7 +134,10 @@ def evaluate(
     Returns
     -------
     The report dict (``accuracy``, ``macro_f1``, ``balanced_accuracy``, ``per_class``, ...),
-    also stored in ``uns[f"{key_added}_evaluation"]``.
+    also stored in ``uns[f"{key_added}_evaluation"]``. The summary metrics run over all the
+    evaluated cells, "Unassigned" ones counted as errors; ``n_unassigned``,
+    ``fraction_unassigned`` and ``assigned`` (the same metrics over the assigned cells only)
+    say how many cells ``min_confidence`` left out and how the others fared.
     """
     if key_added not in adata.obs.columns:
         raise InputError(f"no predictions in obs['{key_added}']: run scsnn annotate first")
@@ -163,7 +194,7 @@ def _uns_safe(report: dict[str, Any]) -> dict[str, Any]:
     pc = pd.DataFrame(report["per_class"]).drop(columns=["in_model"])
     safe = {k: v for k, v in report.items()
             if k not in ("per_class", "confusion", "energy", "latency") and v is not None}
-    for k in ("energy", "latency"):
+    for k in ("energy", "latency", "assigned"):
         if k in report:
             safe[k] = {kk: vv for kk, vv in report[k].items() if vv is not None}
     safe["rare_classes"] = np.asarray(report["rare_classes"], dtype=object)
@@ -210,7 +241,24 @@ def format_table(report: dict[str, Any]) -> str:
             + ", ".join(report["rare_classes"])
             + f"; mean recall {report['rare_mean_recall']:.3f}"
         )
+    if "n_unassigned" in report:
+        lines.append(_unassigned_line(report))
     return "\n".join(lines)
+
+
+def _unassigned_line(report: dict[str, Any]) -> str:
+    """``Unassigned: 12 of 700 cells (1.7%); over the 688 assigned cells: accuracy ...``"""
+    label = report.get("unassigned_label", UNASSIGNED)
+    n_un, n = int(report["n_unassigned"]), int(report["n_cells"])
+    line = f"{label}: {n_un} of {n} cells ({report['fraction_unassigned']:.1%})"
+    a = report["assigned"]
+    if n_un == 0:
+        return line + " (the figures above are over all cells, every one assigned)"
+    if a["accuracy"] is None:
+        return line + "; no cell is assigned (lower --min-confidence)"
+    return (line + f" counted as errors above; over the {a['n_cells']} assigned cells: "
+            f"accuracy {a['accuracy']:.3f}   macro-F1 {a['macro_f1']:.3f}   "
+            f"balanced accuracy {a['balanced_accuracy']:.3f}")
 
 
 # -- energy and latency ------------------------------------------------------------------------
@@ -278,9 +326,12 @@ def latency_report(
     t = np.asarray(pd.Series(truth).astype(str))
     names = np.asarray(classes, dtype=object)
     labels = sorted(np.unique(t).tolist())
+    steps = np.asarray(step_labels)
+    # label names (what annotate writes), or class indices into ``classes`` (older files)
+    as_index = steps.dtype.kind in "iu"
     f1_by_step, acc_by_step = [], []
-    for k in range(step_labels.shape[1]):
-        p = names[step_labels[:, k]].astype(str)
+    for k in range(steps.shape[1]):
+        p = (names[steps[:, k]] if as_index else steps[:, k]).astype(str)
         _, _, f1, _ = precision_recall_fscore_support(t, p, labels=labels, zero_division=0)
         f1_by_step.append(float(np.mean(f1)))
         acc_by_step.append(float(np.mean(p == t)))

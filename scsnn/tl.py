@@ -16,7 +16,7 @@ import pandas as pd
 from . import distributed
 from ._version import __version__
 from .errors import InputError
-from .evaluate import energy_estimate
+from .evaluate import UNASSIGNED, energy_estimate
 from .io import get_expression, get_labels, read_h5ad, write_h5ad_atomic
 from .bundle import ScsnnModel, predict
 from .encoding import ENCODERS
@@ -35,7 +35,12 @@ from .training import BiLevelTrainer, TrainConfig
 
 logger = logging.getLogger("scsnn")
 
-UNASSIGNED = "Unassigned"
+#: The majority-voting label of a cluster whose commonest label holds under
+#: ``majority_min_fraction`` of its cells (CellTypist's ``min_prop``).
+HETEROGENEOUS = "Heterogeneous"
+
+#: Over half of the cells left "Unassigned" by ``min_confidence`` is warned about.
+UNASSIGNED_WARN_FRACTION = 0.5
 
 
 def configs(**settings: Any) -> dict[str, Any]:
@@ -323,6 +328,11 @@ def annotate(
     early_exit: float | None = None,
     batch_size: int = 1024,
     device: str = "auto",
+    majority_voting: bool = False,
+    over_clustering: str | Sequence[Any] | np.ndarray | pd.Series | None = None,
+    over_clustering_resolution: float | None = None,
+    majority_min_fraction: float = 0.0,
+    celltypist_columns: bool = False,
     copy: bool = False,
 ) -> ad.AnnData | None:
     """Predict cell types of a query and write them into the AnnData.
@@ -342,24 +352,60 @@ def annotate(
     early_exit
         Decide each cell at the first step whose top probability reaches this value (the
         class readout is accumulated step by step), instead of after all T steps.
+    majority_voting
+        Refine the labels as CellTypist does: every cell of a cluster of ``over_clustering``
+        takes the commonest predicted label of the cluster.
+    over_clustering
+        The clusters voted over: the name of an ``obs`` column (for example ``"leiden"``)
+        or one cluster label per cell. Giving it turns ``majority_voting`` on. Without it,
+        the query is over-clustered as CellTypist does (:func:`over_cluster`: Leiden at a
+        high resolution on ``obsp["connectivities"]`` when present, else on a neighbour
+        graph of the PCA of its highly variable genes).
+    over_clustering_resolution
+        Leiden resolution of the computed over-clustering (default: from the number of
+        cells, 5 under 5,000 cells up to 30 above 200,000, as CellTypist).
+    majority_min_fraction
+        A cluster whose commonest label holds fewer of its cells than this is labelled
+        ``"Heterogeneous"`` (CellTypist's ``min_prop``; 0: always the commonest label).
+    celltypist_columns
+        Also write CellTypist's obs columns: ``predicted_labels``, ``conf_score`` and,
+        with majority voting, ``majority_voting`` and ``over_clustering``.
     copy
         Return an annotated copy instead of writing into ``adata``.
 
     Returns
     -------
-    ``None``, or the annotated copy when ``copy=True``. Writes:
+    ``None``, or the annotated copy when ``copy=True``. Writes (see ``docs/outputs.md``):
 
     ``obs[key_added]``
-        Categorical predicted label; categories are the model's classes in model order,
-        then ``"Unassigned"``.
+        Categorical predicted label. Categories follow the model's class order, then
+        ``"Unassigned"``, and only the labels some cell carries are kept (so that
+        ``sc.tl.rank_genes_groups(adata, key_added)`` finds no empty group).
     ``obs[f"{key_added}_confidence"]``
         Probability of the predicted class (before the ``min_confidence`` cut).
     ``obsm[f"{key_added}_probabilities"]``
-        DataFrame of class probabilities, one column per class in model order.
+        ``float32`` array ``[cells, classes]`` of class probabilities; column ``j`` is
+        class ``uns[key_added]["classes"][j]`` (:func:`probabilities` gives it as a
+        DataFrame with class-name columns). A plain array writes to ``.h5ad`` and
+        ``.zarr`` whatever the class names hold (``/``, spaces, any script).
     ``obsm[f"{key_added}_step_labels"]``
-        ``[cells, T]`` class index (into the model's classes) of the readout after each step.
+        ``[cells, T]`` array of strings: the class name of the readout after each step.
     ``obs[f"{key_added}_decision_step"]``
         With ``early_exit``: the step at which each cell was decided.
+    ``obs[f"{key_added}_majority_voting"]``
+        With majority voting: the categorical majority label of the cell's cluster (model
+        class order, then ``"Unassigned"``, ``"Heterogeneous"``; unused ones dropped).
+    ``obs[f"{key_added}_majority_voting_fraction"]``
+        With majority voting: the fraction of the cluster's cells whose predicted label is
+        the majority label.
+    ``obs[f"{key_added}_majority_voting_probability"]``
+        With majority voting: the mean probability of the majority label over the cluster's
+        cells (NaN when the majority is ``"Unassigned"`` or ``"Heterogeneous"``).
+    ``obs[f"{key_added}_over_clustering"]``
+        With a computed over-clustering: the cluster of each cell.
+    ``obs["predicted_labels"]``, ``obs["conf_score"]``, ``obs["majority_voting"]``, ...
+        With ``celltypist_columns``: CellTypist's names for the same values (and
+        ``obs["over_clustering"]``, the clusters voted over).
     ``uns[key_added]``
         ``{"params", "classes", "model", "gene_overlap", "version", "energy", "latency"}``;
         ``energy`` holds the per-cell energy of this network and of its ANN twin computed
@@ -367,6 +413,10 @@ def annotate(
     """
     m = _as_model(model)
     _check_confidence(min_confidence)
+    majority_voting = majority_voting or over_clustering is not None
+    _check_voting(majority_min_fraction, over_clustering_resolution)
+    clusters = (_given_clusters(over_clustering, adata.obs, adata.n_obs, "the query")
+                if majority_voting and over_clustering is not None else None)
     if copy:
         adata = adata.copy()
     expr = get_expression(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols)
@@ -387,6 +437,20 @@ def annotate(
         params={"layer": layer or "", "use_raw": bool(use_raw),
                 "gene_symbols": gene_symbols or ""},
     )
+    computed = majority_voting and clusters is None
+    if computed:
+        clusters = over_cluster(adata, resolution=over_clustering_resolution, layer=layer,
+                                use_raw=use_raw, gene_symbols=gene_symbols)
+    if majority_voting:
+        obs.update(_voting(obs, obsm, m.classes, clusters, key_added=key_added,
+                           min_fraction=majority_min_fraction, computed=computed,
+                           params=uns["params"], name=over_clustering,
+                           resolution=_resolution(adata.n_obs, over_clustering_resolution)))
+    if celltypist_columns:
+        obs.update(_celltypist(obs, key_added, clusters, over_clustering))
+    for k in _stale_columns(key_added, early_exit, majority_voting):
+        if k in adata.obs.columns:
+            del adata.obs[k]
     for k, v in obs.items():
         adata.obs[k] = v
     for k, v in obsm.items():
@@ -395,6 +459,280 @@ def annotate(
     _log_annotated(adata.n_obs, expr.kind, n_present, m, obs[key_added], min_confidence,
                    found=expr.describe(m.gene_space.target_sum))
     return adata if copy else None
+
+
+def _stale_columns(key_added: str, early_exit: float | None, majority_voting: bool) -> tuple:
+    """obs columns of an earlier annotation with the same key that this one does not
+    rewrite: removed, so that no column describes another run."""
+    out = () if early_exit is not None else (f"{key_added}_decision_step",)
+    if not majority_voting:
+        out += tuple(f"{key_added}_{s}" for s in ("majority_voting",
+                                                  "majority_voting_fraction",
+                                                  "majority_voting_probability",
+                                                  "over_clustering"))
+    return out
+
+
+def _check_voting(min_fraction: float, resolution: float | None) -> None:
+    if not 0.0 <= float(min_fraction) <= 1.0:
+        raise InputError(f"majority_min_fraction must be between 0 and 1, got {min_fraction}")
+    if resolution is not None and not float(resolution) > 0:
+        raise InputError(f"over_clustering_resolution must be positive, got {resolution}")
+
+
+def _given_clusters(over_clustering: Any, obs: pd.DataFrame, n_obs: int, where: str
+                    ) -> pd.Series:
+    """The clusters to vote over: an obs column named by ``over_clustering``, or its values."""
+    if isinstance(over_clustering, str):
+        if over_clustering not in obs.columns:
+            cols = ", ".join(map(str, obs.columns[:20])) or "none"
+            raise InputError(f"over_clustering '{over_clustering}' is not an obs column of "
+                             f"{where} (columns: {cols})")
+        values = obs[over_clustering]
+    else:
+        values = pd.Series(np.asarray(over_clustering, dtype=object).ravel())
+        if len(values) != n_obs:
+            raise InputError(f"over_clustering holds {len(values)} values for {n_obs} cells")
+    missing = int(pd.isna(values).sum())
+    if missing:
+        raise InputError(f"over_clustering leaves {missing} cells without a cluster: give "
+                         "every cell one, or let scsnn compute an over-clustering")
+    return pd.Series(np.asarray(values), index=obs.index[:n_obs] if len(obs.index) == n_obs
+                     else None)
+
+
+def _resolution(n_obs: int, resolution: float | None) -> float:
+    """CellTypist's over-clustering resolution for a query of ``n_obs`` cells."""
+    if resolution is not None:
+        return float(resolution)
+    for limit, r in ((5_000, 5.0), (20_000, 10.0), (40_000, 15.0), (100_000, 20.0),
+                     (200_000, 25.0)):
+        if n_obs < limit:
+            return r
+    return 30.0
+
+
+def over_cluster(
+    adata: ad.AnnData,
+    *,
+    resolution: float | None = None,
+    layer: str | None = None,
+    use_raw: bool = False,
+    gene_symbols: str | None = None,
+    random_state: int = 0,
+) -> pd.Series:
+    """Over-cluster a query as CellTypist does before majority voting.
+
+    Leiden (igraph) at a high ``resolution`` (default from the number of cells: 5 under
+    5,000 cells, 10, 15, 20, 25, then 30 above 200,000) on ``adata.obsp["connectivities"]``
+    when the query has a neighbour graph (``sc.pp.neighbors``), else on one built here from
+    its expression: counts normalised to 10,000 per cell and log1p-transformed, genes seen
+    in fewer than 5 cells dropped, 2,000 highly variable genes, scaled (max 10), 50
+    principal components, 10 neighbours. ``adata`` is not changed.
+
+    Returns
+    -------
+    The categorical cluster of every cell (labels ``"0"``, ``"1"``, ...), indexed like obs.
+    """
+    import scanpy as sc
+
+    n = adata.n_obs
+    res = _resolution(n, resolution)
+    if n < 3:  # nothing to cluster: every cell is its own cluster
+        names = [str(i) for i in range(n)]
+        return pd.Series(pd.Categorical(names, categories=names), index=adata.obs_names)
+    graph = adata.obsp["connectivities"] if "connectivities" in adata.obsp else None
+    if graph is None:
+        graph = _neighbour_graph(adata, layer, use_raw, gene_symbols, random_state)
+    else:
+        logger.info("over-clustering on the neighbour graph of obsp['connectivities']")
+    holder = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names.astype(str)))
+    sc.tl.leiden(holder, resolution=res, adjacency=graph, flavor="igraph", n_iterations=2,
+                 directed=False, random_state=random_state, key_added="over_clustering")
+    clusters = holder.obs["over_clustering"]
+    logger.info("over-clustered %d cells into %d clusters (Leiden, resolution %g)", n,
+                clusters.nunique(), res)
+    return pd.Series(clusters.to_numpy(), index=adata.obs_names, name=None)
+
+
+def _neighbour_graph(adata: ad.AnnData, layer: str | None, use_raw: bool,
+                     gene_symbols: str | None, random_state: int) -> Any:
+    """CellTypist's neighbour graph of a query without one (see :func:`over_cluster`)."""
+    import scanpy as sc
+
+    expr = get_expression(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols)
+    tmp = ad.AnnData(X=expr.X.copy(), obs=pd.DataFrame(index=np.arange(adata.n_obs).astype(str)),
+                     var=pd.DataFrame(index=pd.Index(expr.genes).astype(str)))
+    with torch_threads_kept():
+        if expr.kind != "lognorm":
+            sc.pp.normalize_total(tmp, target_sum=1e4)
+            sc.pp.log1p(tmp)
+        sc.pp.filter_genes(tmp, min_cells=min(5, max(1, adata.n_obs // 2)))
+        if tmp.n_vars < 3:
+            raise InputError("cannot over-cluster the query: fewer than 3 genes are "
+                             "detected in 5 cells; give over_clustering (an obs column)")
+        sc.pp.highly_variable_genes(tmp, n_top_genes=min(2000, tmp.n_vars))
+        tmp = tmp[:, tmp.var["highly_variable"].to_numpy()].copy()
+        tmp.X = tmp.X.toarray()  # scaling centres the values: dense (the HVGs only)
+        sc.pp.scale(tmp, max_value=10)
+        n_comps = max(1, min(50, tmp.n_obs - 1, tmp.n_vars - 1))
+        sc.pp.pca(tmp, n_comps=n_comps, random_state=random_state)
+        sc.pp.neighbors(tmp, n_neighbors=min(10, tmp.n_obs - 1), n_pcs=n_comps,
+                        random_state=random_state)
+    logger.info("over-clustering on a neighbour graph of %d PCs of %d highly variable genes "
+                "(the query has no obsp['connectivities'])", n_comps, tmp.n_vars)
+    return tmp.obsp["connectivities"]
+
+
+def majority_vote(
+    labels: Sequence[Any] | pd.Series | pd.Categorical,
+    clusters: Sequence[Any] | pd.Series | np.ndarray,
+    *,
+    probabilities: np.ndarray | None = None,
+    classes: Sequence[str] | None = None,
+    min_fraction: float = 0.0,
+) -> pd.DataFrame:
+    """CellTypist's majority voting: every cell takes the commonest label of its cluster.
+
+    Ties go to the label first in ``labels``' category order (the model's class order for
+    :func:`annotate`'s labels). A cluster whose commonest label holds under ``min_fraction``
+    of its cells is ``"Heterogeneous"``.
+
+    Returns
+    -------
+    One row per cell: ``majority_voting`` (categorical), ``majority_voting_fraction`` (the
+    fraction of the cluster agreeing with it) and, with ``probabilities`` (``[cells,
+    classes]``, columns in ``classes`` order), ``majority_voting_probability``, the mean
+    probability of the majority label over the cluster's cells.
+    """
+    import scipy.sparse as sp
+
+    if isinstance(labels, pd.Categorical):
+        lab = labels
+    elif isinstance(getattr(labels, "dtype", None), pd.CategoricalDtype):
+        lab = pd.Series(labels).array
+    else:
+        lab = pd.Categorical(np.asarray(labels, dtype=object))
+    cl = pd.Series(np.asarray(clusters, dtype=object).ravel())
+    if len(cl) != len(lab):
+        raise InputError(f"{len(cl)} clusters for {len(lab)} labels")
+    if (lab.codes < 0).any() or cl.isna().any():
+        raise InputError("majority voting needs a label and a cluster for every cell")
+    cl_codes, _ = pd.factorize(cl.astype(str), sort=True)
+    n_cl, n_lab = int(cl_codes.max()) + 1 if len(cl_codes) else 0, len(lab.categories)
+    votes = np.bincount(cl_codes * n_lab + lab.codes, minlength=n_cl * n_lab).reshape(
+        n_cl, n_lab)
+    win = votes.argmax(1) if n_cl else np.zeros(0, np.int64)
+    size = votes.sum(1)
+    frac = votes[np.arange(n_cl), win] / np.maximum(size, 1)
+    names = np.asarray(lab.categories, dtype=object)[win]
+    names = np.where(frac < min_fraction, HETEROGENEOUS, names)
+    cats = [c for c in lab.categories if c != HETEROGENEOUS] + [HETEROGENEOUS]
+    out = pd.DataFrame({
+        "majority_voting": pd.Categorical(names[cl_codes], categories=cats
+                                          ).remove_unused_categories(),
+        "majority_voting_fraction": frac[cl_codes].astype(np.float32),
+    }, index=labels.index if isinstance(labels, pd.Series) else None)
+    if probabilities is not None and classes is not None:
+        P = np.asarray(probabilities, dtype=np.float64)
+        ind = sp.csr_matrix((np.ones(len(cl_codes)), (cl_codes, np.arange(len(cl_codes)))),
+                            shape=(n_cl, len(cl_codes)))
+        means = np.asarray(ind @ P) / np.maximum(size, 1)[:, None]
+        col = {str(c): i for i, c in enumerate(classes)}
+        idx = np.array([col.get(str(nm), -1) for nm in names], dtype=np.int64)
+        per = np.where(idx >= 0, means[np.arange(n_cl), np.maximum(idx, 0)], np.nan)
+        out["majority_voting_probability"] = per[cl_codes].astype(np.float32)
+    return out
+
+
+def _voting(obs: dict[str, Any], obsm: dict[str, Any], classes: Sequence[str],
+            clusters: pd.Series, *, key_added: str, min_fraction: float, computed: bool,
+            params: dict[str, Any], name: Any, resolution: float) -> dict[str, Any]:
+    """The obs columns of majority voting; records its settings in ``params``."""
+    mv = majority_vote(obs[key_added], clusters,
+                       probabilities=obsm[f"{key_added}_probabilities"], classes=classes,
+                       min_fraction=min_fraction)
+    out = {f"{key_added}_{c}": (mv[c].array if c == "majority_voting" else mv[c].to_numpy())
+           for c in mv.columns}
+    if computed:
+        out[f"{key_added}_over_clustering"] = _cluster_categorical(clusters)
+    params.update(majority_voting=True,
+                  over_clustering=name if isinstance(name, str) else
+                  ("computed" if computed else "given"),
+                  over_clustering_resolution=float(resolution) if computed else 0.0,
+                  majority_min_fraction=float(min_fraction))
+    votes = pd.Series(np.asarray(out[f"{key_added}_majority_voting"])).value_counts()
+    logger.info("majority voting over %d clusters: %s", pd.Series(clusters).nunique(),
+                ", ".join(f"{k} ({v})" for k, v in votes.items()))
+    return out
+
+
+def _cluster_categorical(clusters: pd.Series | pd.Categorical) -> pd.Categorical:
+    """Clusters as a categorical of strings, in numeric order when they are numbers."""
+    values = pd.Series(np.asarray(clusters, dtype=object)).astype(str)
+    uniq = values.unique().tolist()
+    try:
+        cats = sorted(uniq, key=float)
+    except ValueError:
+        cats = sorted(uniq)
+    return pd.Categorical(values.to_numpy(), categories=cats)
+
+
+def _celltypist(obs: dict[str, Any], key_added: str, clusters: pd.Series | None,
+                over_clustering: Any) -> dict[str, Any]:
+    """CellTypist's obs columns for the same predictions."""
+    out = {"predicted_labels": obs[key_added], "conf_score": obs[f"{key_added}_confidence"]}
+    if f"{key_added}_majority_voting" in obs:
+        out["majority_voting"] = obs[f"{key_added}_majority_voting"]
+        if over_clustering != "over_clustering":  # never rewrite the user's own column
+            out["over_clustering"] = _cluster_categorical(clusters)
+    return out
+
+
+def probabilities(adata: ad.AnnData, key_added: str = "scsnn") -> pd.DataFrame:
+    """The class probabilities of an annotation as a DataFrame: one row per cell, one column
+    per class (named as in the model, in model order)."""
+    k = f"{key_added}_probabilities"
+    if k not in adata.obsm:
+        raise InputError(f"no probabilities in obsm['{k}']: run scsnn annotate first")
+    P = adata.obsm[k]
+    if isinstance(P, pd.DataFrame):  # files written by scsnn before 0.x kept a DataFrame
+        return P
+    classes = [str(c) for c in adata.uns[key_added]["classes"]]
+    return pd.DataFrame(np.asarray(P), index=adata.obs_names, columns=classes)
+
+
+def predictions_table(adata: ad.AnnData, key_added: str = "scsnn", *,
+                      probabilities_: bool = False) -> pd.DataFrame:
+    """One row per cell, for a spreadsheet: ``cell``, ``predicted_label``, ``confidence``;
+    ``decision_step`` with early exit; ``majority_voting``, ``majority_voting_fraction``,
+    ``majority_voting_probability`` and ``over_clustering`` with majority voting; with
+    ``probabilities_``, one column ``p(<class>)`` per class."""
+    if key_added not in adata.obs.columns:
+        raise InputError(f"no predictions in obs['{key_added}']: run scsnn annotate first")
+    obs = adata.obs
+    df = pd.DataFrame({"cell": obs.index.astype(str),
+                       "predicted_label": obs[key_added].astype(str).to_numpy()})
+    if f"{key_added}_confidence" in obs:
+        df["confidence"] = obs[f"{key_added}_confidence"].to_numpy()
+    if f"{key_added}_decision_step" in obs:
+        df["decision_step"] = obs[f"{key_added}_decision_step"].to_numpy()
+    if f"{key_added}_majority_voting" in obs:
+        df["majority_voting"] = obs[f"{key_added}_majority_voting"].astype(str).to_numpy()
+        for c in ("majority_voting_fraction", "majority_voting_probability"):
+            if f"{key_added}_{c}" in obs:
+                df[c] = obs[f"{key_added}_{c}"].to_numpy()
+        params = adata.uns.get(key_added, {}).get("params", {})
+        name = str(params.get("over_clustering", ""))
+        col = (f"{key_added}_over_clustering" if f"{key_added}_over_clustering" in obs
+               else name if name in obs.columns else None)
+        if col is not None:
+            df["over_clustering"] = obs[col].astype(str).to_numpy()
+    if probabilities_:
+        P = probabilities(adata, key_added)
+        for c in P.columns:
+            df[f"p({c})"] = P[c].to_numpy()
+    return df
 
 
 def _check_confidence(min_confidence: float) -> None:
@@ -443,6 +781,16 @@ def _log_annotated(n: int, kind: str, n_present: int, m: ScsnnModel, labels: pd.
         "annotated %d cells (%s input, %d/%d model genes present%s)",
         n, kind, n_present, m.gene_space.n_genes, f", {n_un} unassigned" if n_un else "",
     )
+    if n and n_un > UNASSIGNED_WARN_FRACTION * n:
+        logger.warning(unassigned_warning(n_un, n, min_confidence))
+
+
+def unassigned_warning(n_unassigned: int, n_cells: int, min_confidence: float) -> str:
+    """The warning given when ``min_confidence`` leaves over half of the cells Unassigned."""
+    return (f"{n_unassigned} of {n_cells} cells ({n_unassigned / n_cells:.0%}) are "
+            f"{UNASSIGNED}: their top probability is under min_confidence "
+            f"{min_confidence:g}; lower it, or check that the model's reference covers this "
+            "query's cell types")
 
 
 def _energy(m: ScsnnModel, counter: SpikeCounter | None, n_cells: int) -> dict[str, Any]:
@@ -481,18 +829,17 @@ def _slots(
     labels = np.asarray(m.classes, dtype=object)[top]
     if min_confidence > 0:
         labels = np.where(conf < min_confidence, UNASSIGNED, labels)
-    cats = list(m.classes) + ([UNASSIGNED] if UNASSIGNED not in m.classes else [])
     obs: dict[str, Any] = {
-        key_added: pd.Categorical(labels, categories=cats),
+        key_added: _label_categorical(labels, m.classes),
         f"{key_added}_confidence": conf,
     }
     if early_exit is not None:
         obs[f"{key_added}_decision_step"] = pred.decision_step
+    # plain arrays (class names in uns[key]["classes"]): they write to .h5ad and .zarr
+    # whatever the class names hold, where a DataFrame's columns would become HDF5 paths
     obsm = {
-        f"{key_added}_probabilities": pd.DataFrame(
-            proba, index=obs_names, columns=[str(c) for c in m.classes]
-        ),
-        f"{key_added}_step_labels": pred.step_labels,
+        f"{key_added}_probabilities": np.ascontiguousarray(proba, dtype=np.float32),
+        f"{key_added}_step_labels": np.asarray(m.classes, dtype=object)[pred.step_labels],
     }
     frac = n_present / m.gene_space.n_genes
     uns = {
@@ -509,6 +856,11 @@ def _slots(
             "neuron": m.config.neuron,
             "encoder": m.config.encoder,
             "timesteps": int(m.config.timesteps),
+            # majority voting: set by _voting when it is done
+            "majority_voting": False,
+            "over_clustering": "",
+            "over_clustering_resolution": 0.0,
+            "majority_min_fraction": 0.0,
         },
         "classes": np.asarray(m.classes, dtype=object),
         "model": m.model_id,
@@ -517,6 +869,15 @@ def _slots(
         "version": __version__,
     }
     return obs, obsm, uns
+
+
+def _label_categorical(labels: Any, classes: Sequence[str]) -> pd.Categorical:
+    """Predicted labels as a categorical in model class order, then "Unassigned", with only
+    the labels some cell carries (scanpy's group tools refuse empty groups)."""
+    cats = [str(c) for c in classes]
+    cats += [UNASSIGNED] if UNASSIGNED not in cats else []
+    return pd.Categorical(np.asarray(labels, dtype=object), categories=cats
+                          ).remove_unused_categories()
 
 
 def annotate_file(
@@ -535,6 +896,10 @@ def annotate_file(
     chunk_size: int = 65_536,
     chunk: tuple[int, int] | None = None,
     device: str = "auto",
+    majority_voting: bool = False,
+    over_clustering: str | None = None,
+    majority_min_fraction: float = 0.0,
+    celltypist_columns: bool = False,
 ) -> dict[str, Any]:
     """Annotate an ``.h5ad`` file block by block, with memory bounded by ``chunk_size`` cells.
 
@@ -557,17 +922,36 @@ def annotate_file(
         write a predictions-only file (obs with the predictions, obsm, uns; no expression)
         for :func:`gather`. Input kind (counts or log-normalised) is judged on the first
         block of the file, whichever chunk is annotated.
+    majority_voting, over_clustering
+        Majority voting over the clusters of ``obs[over_clustering]``, a column of the file
+        (giving it turns voting on): done from ``obs`` alone once every cell is predicted,
+        so memory stays bounded. Computing an over-clustering needs the whole expression
+        matrix: use :func:`annotate` on the loaded AnnData (``scsnn annotate
+        --majority-voting`` without ``--over-clustering`` does so). A chunk cannot vote (it
+        is not the whole query): give the options to :func:`gather`.
     Other parameters are those of :func:`annotate`.
 
     Returns
     -------
-    A summary: ``{"n_cells", "output", "labels": {label: count}}``. The slots written are
-    those of :func:`annotate`.
+    A summary: ``{"n_cells", "output", "labels": {label: count}, "n_unassigned"}``, and
+    ``"majority_voting": {label: count}`` with voting. The slots written are those of
+    :func:`annotate`.
     """
     from .io import H5adRows, chunk_bounds, kind_action, write_annotations
 
     m = _as_model(model)
     _check_confidence(min_confidence)
+    majority_voting = majority_voting or over_clustering is not None
+    _check_voting(majority_min_fraction, None)
+    if chunk is not None and (majority_voting or celltypist_columns):
+        raise InputError("majority voting and CellTypist columns need the whole query, not "
+                         "a chunk: give them to gather (scsnn gather --majority-voting "
+                         "--over-clustering KEY)")
+    if majority_voting and over_clustering is None:
+        raise InputError("majority voting on a file read in blocks needs over_clustering, an "
+                         "obs column of the file (e.g. 'leiden'); to compute an "
+                         "over-clustering, annotate in memory (scsnn.tl.annotate, or scsnn "
+                         "annotate --majority-voting without --over-clustering)")
     if batch_size < 1 or chunk_size < 1:
         raise InputError("batch_size and chunk_size must be positive")
     chunk_size = -(-chunk_size // batch_size) * batch_size
@@ -577,6 +961,8 @@ def annotate_file(
     dev = resolve_device(device)
     seed = int(m.settings.get("seed", 0))
     with H5adRows(path, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols) as rows:
+        clusters = (_given_clusters(over_clustering, rows.obs, rows.n_obs, str(path))
+                    if majority_voting else None)
         kind = rows.detect_kind(max_rows=chunk_size)
         if chunk is None:
             lo, hi = 0, rows.n_obs
@@ -639,14 +1025,29 @@ def annotate_file(
         part.uns[key_added] = uns
         write_h5ad_atomic(part, dest)
     else:
+        if majority_voting:
+            obs.update(_voting(obs, obsm, m.classes, clusters, key_added=key_added,
+                               min_fraction=majority_min_fraction, computed=False,
+                               params=uns["params"], name=over_clustering, resolution=0.0))
+        if celltypist_columns:
+            obs.update(_celltypist(obs, key_added, clusters, over_clustering))
         write_annotations(path, dest, obs=obs, obsm=obsm, uns={key_added: uns},
-                          drop_obs=() if early_exit is not None
-                          else (f"{key_added}_decision_step",))
+                          drop_obs=_stale_columns(key_added, early_exit, majority_voting))
     _log_annotated(len(obs_names), kind, n_present, m, obs[key_added], min_confidence,
                    found=rows_found)
+    return _summary(obs, key_added, n_cells=int(len(obs_names)), output=str(dest))
+
+
+def _summary(obs: dict[str, Any], key_added: str, **fields: Any) -> dict[str, Any]:
+    """What annotate_file and gather return: label counts (and majority-vote counts)."""
     counts = pd.Series(np.asarray(obs[key_added])).value_counts()
-    return {"n_cells": int(len(obs_names)), "output": str(dest),
-            "labels": {str(k): int(v) for k, v in counts.items() if v > 0}}
+    out = {**fields, "labels": {str(k): int(v) for k, v in counts.items() if v > 0},
+           "n_unassigned": int(counts.get(UNASSIGNED, 0))}
+    mv = f"{key_added}_majority_voting"
+    if mv in obs:
+        votes = pd.Series(np.asarray(obs[mv])).value_counts()
+        out["majority_voting"] = {str(k): int(v) for k, v in votes.items() if v > 0}
+    return out
 
 
 def gather(
@@ -655,6 +1056,10 @@ def gather(
     output: str | os.PathLike,
     *,
     key_added: str = "scsnn",
+    majority_voting: bool = False,
+    over_clustering: str | None = None,
+    majority_min_fraction: float = 0.0,
+    celltypist_columns: bool = False,
 ) -> dict[str, Any]:
     """Write the predictions of chunk files (from :func:`annotate_file` with ``chunk``) into
     a copy of the query ``.h5ad``, as one annotation of the whole query.
@@ -662,12 +1067,19 @@ def gather(
     The parts must be the chunks of this query with the same model and settings; they may be
     given in any order, but together they must cover every cell exactly once. The result
     equals a run of :func:`annotate_file` without chunks (energy figures are pooled over the
-    chunks' cells).
+    chunks' cells), majority voting over ``obs[over_clustering]`` of the query and
+    CellTypist columns included (see :func:`annotate_file`).
     """
     from .io import H5adRows, write_annotations
 
     if not parts:
         raise InputError("no chunk files to gather")
+    majority_voting = majority_voting or over_clustering is not None
+    _check_voting(majority_min_fraction, None)
+    if majority_voting and over_clustering is None:
+        raise InputError("majority voting at gather needs over_clustering, an obs column of "
+                         "the query (e.g. 'leiden'); to compute an over-clustering, annotate "
+                         "the query whole in memory")
     loaded = []
     for path in parts:
         a = read_h5ad(path, allow_empty=True)
@@ -680,6 +1092,8 @@ def gather(
     first = loaded[0].uns[key_added]
     with H5adRows(query) as rows:
         obs_names = rows.obs_names
+        clusters = (_given_clusters(over_clustering, rows.obs, rows.n_obs, str(query))
+                    if majority_voting else None)
     n_total = len(obs_names)
     pos = 0
     for a in loaded:
@@ -704,11 +1118,11 @@ def gather(
                 if k in loaded[0].obs.columns]
     obs = {}
     for k in obs_keys:
-        values = pd.concat([a.obs[k] for a in loaded], ignore_index=True)
-        if k == key_added:
-            values = pd.Categorical(values.astype(object),
-                                    categories=loaded[0].obs[k].cat.categories)
-        obs[k] = np.asarray(values) if k != key_added else values
+        values = pd.concat([a.obs[k].astype(object) if k == key_added else a.obs[k]
+                            for a in loaded], ignore_index=True)
+        # every chunk keeps only the labels it holds: categories from the model's classes
+        obs[k] = (_label_categorical(values, [str(c) for c in first["classes"]])
+                  if k == key_added else np.asarray(values))
     obsm = {}
     for k in loaded[0].obsm.keys():
         vals = [a.obsm[k] for a in loaded]
@@ -719,12 +1133,20 @@ def gather(
         else:
             obsm[k] = np.concatenate([np.asarray(v) for v in vals])
     uns = _pool_uns([a.uns[key_added] for a in loaded])
+    if majority_voting:
+        uns["params"] = dict(uns["params"])
+        obs.update(_voting(obs, obsm, [str(c) for c in first["classes"]], clusters,
+                           key_added=key_added, min_fraction=majority_min_fraction,
+                           computed=False, params=uns["params"], name=over_clustering,
+                           resolution=0.0))
+    if celltypist_columns:
+        obs.update(_celltypist(obs, key_added, clusters, over_clustering))
     write_annotations(query, output, obs=obs, obsm=obsm, uns={key_added: uns},
-                      drop_obs=() if f"{key_added}_decision_step" in obs
-                      else (f"{key_added}_decision_step",))
-    counts = pd.Series(np.asarray(obs[key_added])).value_counts()
-    return {"n_cells": n_total, "output": str(output), "n_chunks": len(loaded),
-            "labels": {str(k): int(v) for k, v in counts.items() if v > 0}}
+                      drop_obs=_stale_columns(
+                          key_added, 1.0 if f"{key_added}_decision_step" in obs else None,
+                          majority_voting))
+    return _summary(obs, key_added, n_cells=n_total, output=str(output),
+                    n_chunks=len(loaded))
 
 
 def _pool_uns(infos: list[dict[str, Any]]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -472,3 +473,119 @@ def test_train_defaults_are_the_library_defaults():
         assert default == library[name], name
         checked += 1
     assert checked >= 12
+
+
+# -- outputs people use: majority voting, CellTypist columns, tables, Unassigned --------------
+def test_annotate_majority_voting_celltypist_columns_and_csv(work, tmp_path):
+    d, ref, model = work
+    if "louvain" not in ad.read_h5ad(ref).obs:
+        pytest.skip("needs obs['louvain']")
+    before = _fingerprint(ref)
+    out, table = tmp_path / "voted.h5ad", tmp_path / "cells.csv"
+    r = invoke("annotate", ref, "-m", model, "-o", out, "--device", "cpu",
+               "--majority-voting", "--over-clustering", "louvain", "--celltypist-columns",
+               "--csv", table, "--csv-probabilities")
+    assert r.exit_code == 0, r.output
+    assert "majority voting (obs['scsnn_majority_voting']):" in r.stdout
+    assert f"table of 700 cells -> {table}" in r.stdout
+    assert _fingerprint(ref) == before
+    a = ad.read_h5ad(out)
+    for c in ("scsnn_majority_voting", "scsnn_majority_voting_fraction",
+              "scsnn_majority_voting_probability", "predicted_labels", "conf_score",
+              "majority_voting", "over_clustering"):
+        assert c in a.obs, c
+    t = pd.read_csv(table)
+    m = scsnn.load_model(model)
+    assert list(t.columns) == ["cell", "predicted_label", "confidence", "majority_voting",
+                               "majority_voting_fraction", "majority_voting_probability",
+                               "over_clustering"] + [f"p({c})" for c in m.classes]
+    assert list(t["cell"]) == list(a.obs_names)
+    assert list(t["predicted_label"]) == list(a.obs["scsnn"].astype(str))
+    assert list(t["majority_voting"]) == list(a.obs["scsnn_majority_voting"].astype(str))
+    np.testing.assert_allclose(t[[f"p({c})" for c in m.classes]].to_numpy(),
+                               a.obsm["scsnn_probabilities"], rtol=1e-6)
+    # a .tsv without probabilities, and no voting
+    tsv = tmp_path / "cells.tsv"
+    r = invoke("annotate", ref, "-m", model, "-o", tmp_path / "plain.h5ad", "--device", "cpu",
+               "--csv", tsv)
+    assert r.exit_code == 0, r.output
+    assert list(pd.read_csv(tsv, sep="\t").columns) == ["cell", "predicted_label",
+                                                        "confidence"]
+
+
+def test_annotate_majority_voting_computes_an_over_clustering(work, tmp_path):
+    d, ref, model = work
+    q = tmp_path / "q.h5ad"
+    shutil.copyfile(ref, q)
+    r = invoke("annotate", q, "-m", model, "--device", "cpu", "--majority-voting")
+    assert r.exit_code == 0, r.output
+    a = ad.read_h5ad(q)  # in place, atomically
+    assert a.obs["scsnn_over_clustering"].nunique() > 10
+    assert a.uns["scsnn"]["params"]["over_clustering"] == "computed"
+    assert a.n_vars == ad.read_h5ad(ref).n_vars
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_annotate_voting_and_table_errors(work, tmp_path):
+    d, ref, model = work
+    before = _fingerprint(ref)
+    out = tmp_path / "o.h5ad"
+    assert_clean_error(invoke("annotate", ref, "-m", model, "-o", out, "--device", "cpu",
+                              "--over-clustering", "nope"), "'nope' is not an obs column")
+    assert_usage_error(invoke("annotate", ref, "-m", model, "-o", out, "--chunk", "1/2",
+                              "--majority-voting"), "scsnn gather")
+    assert_usage_error(invoke("annotate", ref, "-m", model, "-o", out,
+                              "--csv-probabilities"), "--csv")
+    assert_clean_error(invoke("annotate", ref, "-m", model, "-o", out, "--csv", out),
+                       "would overwrite")
+    assert_clean_error(invoke("annotate", ref, "-m", model, "-o", out, "--csv",
+                              tmp_path / "no" / "dir" / "x.csv", "--device", "cpu",
+                              "--majority-min-fraction", "0.5", "--over-clustering", "nope"),
+                       "not an obs column")
+    r = invoke("annotate", ref, "-m", model, "-o", out, "--majority-min-fraction", "2")
+    assert r.exit_code == 2
+    assert _fingerprint(ref) == before and not out.exists()
+
+
+def test_mostly_unassigned_warns_but_succeeds(work, tmp_path):
+    d, ref, model = work
+    out = tmp_path / "strict.h5ad"
+    r = invoke("annotate", ref, "-m", model, "-o", out, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "warning:" not in r.stdout
+    # a cut that leaves about three cells in four Unassigned
+    cut = float(np.quantile(ad.read_h5ad(out).obs["scsnn_confidence"], 0.75))
+    r = invoke("annotate", ref, "-m", model, "-o", out, "--min-confidence", f"{cut:.4f}",
+               "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "warning:" in r.stdout and "are Unassigned" in r.stdout
+    r = invoke("evaluate", out, "--truth-key", "cell_type", "--out", tmp_path / "rep")
+    assert r.exit_code == 0, r.output
+    assert "Unassigned: " in r.stdout and "assigned cells" in r.stdout
+    rep = json.loads((tmp_path / "rep/report.json").read_text())
+    assert rep["fraction_unassigned"] > 0.5
+    assert rep["assigned"]["n_cells"] == 700 - rep["n_unassigned"]
+
+
+def test_gather_with_majority_voting(pbmc_model_dir, pbmc, tmp_path):
+    if "louvain" not in pbmc.obs:
+        pytest.skip("needs obs['louvain']")
+    q = tmp_path / "q.h5ad"
+    pbmc.write_h5ad(q)
+    parts = []
+    for i in (1, 2):
+        p = tmp_path / f"part{i}.h5ad"
+        r = invoke("annotate", q, "--model", pbmc_model_dir, "--output", p, "--device", "cpu",
+                   "--chunk", f"{i}/2")
+        assert r.exit_code == 0, r.output
+        parts.append(p)
+    g = tmp_path / "g.h5ad"
+    r = invoke("gather", q, *parts, "--output", g, "--over-clustering", "louvain",
+               "--celltypist-columns", "--csv", tmp_path / "g.csv")
+    assert r.exit_code == 0, r.output
+    assert "majority voting" in r.stdout
+    a = ad.read_h5ad(g)
+    assert "scsnn_majority_voting" in a.obs and "majority_voting" in a.obs
+    assert "majority_voting" in pd.read_csv(tmp_path / "g.csv").columns
+    assert_clean_error(invoke("gather", q, *parts, "--output", tmp_path / "h.h5ad",
+                              "--majority-voting"), "needs over_clustering")

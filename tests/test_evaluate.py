@@ -226,3 +226,46 @@ def test_report_has_energy_and_latency(pbmc_annotated, tmp_path):
     assert len(lat["macro_f1_by_step"]) == T and 1 <= lat["steps_to_99pct"] <= T
     assert lat["macro_f1_by_step"][-1] == pytest.approx(rep["macro_f1"], abs=1e-9)
     a.write_h5ad(tmp_path / "a.h5ad")  # energy/latency in uns still write
+
+
+# -- Unassigned cells, counted apart ---------------------------------------------------------
+def test_unassigned_counted_and_metrics_over_assigned_cells():
+    r = classification_report(TRUTH, PRED)
+    assert r["n_unassigned"] == 1 and r["fraction_unassigned"] == pytest.approx(1 / 6)
+    a = r["assigned"]
+    # over the 5 assigned cells: a a a b c predicted as a a b b c
+    assert a["n_cells"] == 5 and a["accuracy"] == pytest.approx(4 / 5)
+    assert a["balanced_accuracy"] == pytest.approx((2 / 3 + 1 + 1) / 3)
+    f1_a, f1_b = 2 * 1 * (2 / 3) / (1 + 2 / 3), 2 * 0.5 * 1 / 1.5
+    assert a["macro_f1"] == pytest.approx((f1_a + f1_b + 1) / 3)
+    text = format_table(r)
+    assert ("Unassigned: 1 of 6 cells (16.7%) counted as errors above; over the 5 assigned "
+            "cells: accuracy 0.800") in text
+    none = classification_report(TRUTH, TRUTH)
+    assert none["n_unassigned"] == 0 and none["assigned"]["accuracy"] == 1.0
+    assert "Unassigned: 0 of 6 cells (0.0%)" in format_table(none)
+    every = classification_report(TRUTH, ["Unassigned"] * 6)
+    assert every["fraction_unassigned"] == 1.0 and every["assigned"]["accuracy"] is None
+    assert "no cell is assigned" in format_table(every)
+
+
+def test_evaluate_reports_unassigned_and_writes(tmp_path):
+    a = _annotated_toy()
+    r = scsnn.evaluate(a, "truth", out=tmp_path / "rep")
+    assert r["n_unassigned"] == 10 and r["assigned"]["n_cells"] == 50
+    on_disk = json.loads((tmp_path / "rep/report.json").read_text())
+    assert on_disk["assigned"]["accuracy"] == pytest.approx(40 / 50)
+    assert a.uns["scsnn_evaluation"]["assigned"]["accuracy"] == pytest.approx(40 / 50)
+    scsnn.write_h5ad_atomic(a, tmp_path / "a.h5ad")  # the report in uns still writes
+    b = ad.read_h5ad(tmp_path / "a.h5ad")
+    assert b.uns["scsnn_evaluation"]["n_unassigned"] == 10
+
+
+def test_latency_report_takes_label_names_or_indices():
+    from scsnn.evaluate import latency_report
+
+    classes = ["a", "b", "c"]
+    idx = np.array([[0, 0], [1, 0], [2, 2]])
+    names = np.asarray(classes, dtype=object)[idx]
+    truth = ["a", "a", "c"]
+    assert latency_report(truth, idx, classes) == latency_report(truth, names, classes)

@@ -331,7 +331,7 @@ def test_cli_annotate_answers_or_refuses(fuzz_model, tmp_path_factory, data, n_m
         a = ad.read_h5ad(out)
         pred = a.obs[key].astype(str)
         assert len(pred) == n and set(pred) <= set(LABELS) | {"Unassigned"}
-        P = a.obsm[f"{key}_probabilities"].to_numpy()
+        P = np.asarray(a.obsm[f"{key}_probabilities"])
         np.testing.assert_allclose(P.sum(1), 1.0, atol=1e-5)
         if not in_place:
             assert p.read_bytes() == before

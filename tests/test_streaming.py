@@ -19,7 +19,7 @@ def _same_annotation(a: ad.AnnData, b: ad.AnnData, key: str = "scsnn") -> None:
     assert a.obs[key].astype(str).equals(b.obs[key].astype(str))
     assert list(a.obs[key].cat.categories) == list(b.obs[key].cat.categories)
     np.testing.assert_array_equal(a.obs[f"{key}_confidence"], b.obs[f"{key}_confidence"])
-    pa, pb = a.obsm[f"{key}_probabilities"], b.obsm[f"{key}_probabilities"]
+    pa, pb = scsnn.tl.probabilities(a, key), scsnn.tl.probabilities(b, key)
     np.testing.assert_array_equal(pa.to_numpy(), pb.to_numpy())
     assert list(pa.columns) == list(pb.columns)
     np.testing.assert_array_equal(a.obsm[f"{key}_step_labels"], b.obsm[f"{key}_step_labels"])
@@ -332,3 +332,82 @@ def test_projected_rows_reads_any_order_with_repeats(tmp_path, synth, pbmc_model
         got = view.take_rows(idx)
         assert (got != full[100 + idx]).nnz == 0
         assert view.digest() != rows.digest()
+
+
+# -- majority voting and CellTypist columns on files ---------------------------------------
+VOTE_COLUMNS = ("scsnn_majority_voting", "scsnn_majority_voting_fraction",
+                "scsnn_majority_voting_probability", "predicted_labels", "conf_score",
+                "majority_voting", "over_clustering")
+
+
+def _same_votes(a: ad.AnnData, b: ad.AnnData) -> None:
+    for c in VOTE_COLUMNS:
+        assert c in b.obs, c
+        if isinstance(a.obs[c].dtype, pd.CategoricalDtype):
+            assert list(a.obs[c].astype(str)) == list(b.obs[c].astype(str)), c
+            assert list(a.obs[c].cat.categories) == list(b.obs[c].cat.categories), c
+        else:
+            np.testing.assert_array_equal(a.obs[c].to_numpy(), b.obs[c].to_numpy())
+
+
+def test_annotate_file_majority_voting_over_an_obs_key(query_file, pbmc_model, tmp_path):
+    if "louvain" not in ad.read_h5ad(query_file).obs:
+        pytest.skip("needs obs['louvain']")
+    out = tmp_path / "voted.h5ad"
+    summary = scsnn.tl.annotate_file(query_file, pbmc_model, output=out, batch_size=64,
+                                     chunk_size=128, device="cpu", over_clustering="louvain",
+                                     celltypist_columns=True)
+    assert sum(summary["majority_voting"].values()) == 700
+    b = ad.read_h5ad(out)
+    mem = scsnn.tl.annotate(ad.read_h5ad(query_file), pbmc_model, batch_size=64, device="cpu",
+                            copy=True, over_clustering="louvain", celltypist_columns=True)
+    _same_annotation(mem, b)
+    _same_votes(mem, b)
+    assert b.uns["scsnn"]["params"]["over_clustering"] == "louvain"
+    # annotated again without voting: the earlier run's voting columns go
+    scsnn.tl.annotate_file(out, pbmc_model, device="cpu")
+    c = ad.read_h5ad(out)
+    assert "scsnn_majority_voting" not in c.obs and "scsnn" in c.obs
+
+
+def test_annotate_file_refuses_voting_it_cannot_do(query_file, pbmc_model, tmp_path):
+    before = query_file.read_bytes()
+    with pytest.raises(InputError, match="needs over_clustering, an obs column") as e:
+        scsnn.tl.annotate_file(query_file, pbmc_model, majority_voting=True, device="cpu")
+    assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match="is not an obs column"):
+        scsnn.tl.annotate_file(query_file, pbmc_model, over_clustering="nope", device="cpu")
+    with pytest.raises(InputError, match="not a chunk"):
+        scsnn.tl.annotate_file(query_file, pbmc_model, output=tmp_path / "p.h5ad",
+                               chunk=(0, 2), over_clustering="louvain", device="cpu")
+    assert query_file.read_bytes() == before
+    assert not (tmp_path / "p.h5ad").exists()
+    assert not [p for p in query_file.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_gather_votes_and_keeps_every_category(query_file, pbmc_model, tmp_path):
+    src = ad.read_h5ad(query_file)
+    if "louvain" not in src.obs:
+        pytest.skip("needs obs['louvain']")
+    parts = []
+    for i in range(4):
+        p = tmp_path / f"part{i}.h5ad"
+        scsnn.tl.annotate_file(query_file, pbmc_model, output=p, batch_size=64, chunk=(i, 4),
+                               device="cpu", min_confidence=0.5)
+        parts.append(p)
+    cats = [set(ad.read_h5ad(p).obs["scsnn"].cat.categories) for p in parts]
+    out = tmp_path / "gathered.h5ad"
+    summary = scsnn.tl.gather(query_file, parts, out, over_clustering="louvain",
+                              celltypist_columns=True)
+    assert "majority_voting" in summary
+    whole = tmp_path / "whole.h5ad"
+    scsnn.tl.annotate_file(query_file, pbmc_model, output=whole, batch_size=64, device="cpu",
+                           min_confidence=0.5, over_clustering="louvain",
+                           celltypist_columns=True)
+    g, w = ad.read_h5ad(out), ad.read_h5ad(whole)
+    _same_annotation(w, g)  # categories too, although each chunk held fewer
+    _same_votes(w, g)
+    assert set(g.obs["scsnn"].cat.categories) == set().union(*cats)
+    with pytest.raises(InputError, match="needs over_clustering"):
+        scsnn.tl.gather(query_file, parts, tmp_path / "x.h5ad", majority_voting=True)
+    assert not (tmp_path / "x.h5ad").exists()

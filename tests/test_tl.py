@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -26,17 +27,21 @@ def test_annotate_writes_all_slots(pbmc_annotated, pbmc_model):
     assert classes == sorted(a.obs["cell_type"].astype(str).unique())
     pred = a.obs[KEY]
     assert isinstance(pred.dtype, pd.CategoricalDtype)
-    assert list(pred.cat.categories) == classes + [UNASSIGNED]
+    # model order, only the labels some cell carries (no min_confidence: no Unassigned)
+    assert list(pred.cat.categories) == [c for c in classes if (pred == c).any()]
+    assert UNASSIGNED not in pred.cat.categories
     assert pred.notna().all()
 
     conf = a.obs[f"{KEY}_confidence"].to_numpy()
     assert conf.shape == (a.n_obs,)
     assert np.all((conf >= 1.0 / len(classes) - 1e-6) & (conf <= 1.0))
 
-    proba = a.obsm[f"{KEY}_probabilities"]
-    assert isinstance(proba, pd.DataFrame)
+    P = a.obsm[f"{KEY}_probabilities"]
+    assert isinstance(P, np.ndarray) and P.dtype == np.float32
+    assert P.shape == (a.n_obs, len(classes))
+    proba = scsnn.tl.probabilities(a)  # the same as a DataFrame named by class
     assert list(proba.columns) == classes and list(proba.index) == list(a.obs_names)
-    P = proba.to_numpy()
+    np.testing.assert_array_equal(proba.to_numpy(), P)
     np.testing.assert_allclose(P.sum(1), 1.0, atol=1e-5)
     assert np.all(P >= 0)
     # the label is the most probable class, the confidence its probability
@@ -48,8 +53,9 @@ def test_annotate_writes_all_slots(pbmc_annotated, pbmc_model):
                         "latency"}
     T = pbmc_model.config.timesteps
     steps = a.obsm[f"{KEY}_step_labels"]
-    assert steps.shape == (a.n_obs, T)
-    np.testing.assert_array_equal(steps[:, -1], P.argmax(1))  # the last step is the decision
+    assert steps.shape == (a.n_obs, T) and set(np.unique(steps)) <= set(classes)
+    # class names; the last step is the decision
+    np.testing.assert_array_equal(steps[:, -1], np.asarray(classes, dtype=object)[P.argmax(1)])
     assert f"{KEY}_decision_step" not in a.obs  # only with early exit
     assert uns["latency"]["timesteps"] == T and uns["latency"]["mean_steps"] == T
     # spike input (the latency encoder): every layer is event-driven, no analog MACs
@@ -78,8 +84,8 @@ def test_early_exit_decides_earlier(pbmc_model, _pbmc_session):
     assert steps.min() >= 1 and steps.max() <= T and steps.mean() < T
     assert a.uns[KEY]["latency"]["mean_steps"] == pytest.approx(steps.mean())
     # a cell decided at step t carries the label of the readout after step t
-    idx = np.asarray(a.obsm[f"{KEY}_step_labels"])[np.arange(a.n_obs), steps - 1]
-    assert list(a.obs[KEY].astype(str)) == [pbmc_model.classes[i] for i in idx]
+    at = np.asarray(a.obsm[f"{KEY}_step_labels"])[np.arange(a.n_obs), steps - 1]
+    assert list(a.obs[KEY].astype(str)) == list(at)
     rep = scsnn.evaluate(a, "cell_type")
     assert rep["latency"]["mean_steps_early_exit"] == pytest.approx(steps.mean())
 
@@ -139,10 +145,10 @@ def test_annotated_h5ad_round_trip_and_scanpy(pbmc_annotated, tmp_path):
     b = ad.read_h5ad(p)
     assert list(b.obs[KEY].cat.categories) == list(pbmc_annotated.obs[KEY].cat.categories)
     assert list(b.obs[KEY]) == list(pbmc_annotated.obs[KEY])
-    pd.testing.assert_frame_equal(
-        pd.DataFrame(b.obsm[f"{KEY}_probabilities"]),
-        pbmc_annotated.obsm[f"{KEY}_probabilities"], check_dtype=False,
-    )
+    pd.testing.assert_frame_equal(scsnn.tl.probabilities(b),
+                                  scsnn.tl.probabilities(pbmc_annotated))
+    np.testing.assert_array_equal(b.obsm[f"{KEY}_step_labels"],
+                                  pbmc_annotated.obsm[f"{KEY}_step_labels"])
     assert b.uns[KEY]["model"] == pbmc_annotated.uns[KEY]["model"]
     assert b.uns[KEY]["gene_overlap"]["n_present"] == pbmc_annotated.uns[KEY]["gene_overlap"][
         "n_present"]
@@ -168,14 +174,14 @@ def test_counts_and_lognorm_input_agree(pbmc, pbmc_model):
     assert a.uns[KEY]["params"]["input_kind"] == "counts"
     assert b.uns[KEY]["params"]["input_kind"] == "lognorm"
     assert b.uns[KEY]["params"]["layer"] == "mylog"
-    np.testing.assert_allclose(a.obsm[f"{KEY}_probabilities"].to_numpy(),
-                               b.obsm[f"{KEY}_probabilities"].to_numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(a.obsm[f"{KEY}_probabilities"]),
+                               np.asarray(b.obsm[f"{KEY}_probabilities"]), atol=1e-4)
 
 
 def test_annotate_from_saved_model_path(pbmc, pbmc_model_dir, pbmc_annotated):
     out = scsnn.tl.annotate(pbmc, str(pbmc_model_dir), copy=True, device="cpu")
-    np.testing.assert_array_equal(out.obsm[f"{KEY}_probabilities"].to_numpy(),
-                                  pbmc_annotated.obsm[f"{KEY}_probabilities"].to_numpy())
+    np.testing.assert_array_equal(np.asarray(out.obsm[f"{KEY}_probabilities"]),
+                                  np.asarray(pbmc_annotated.obsm[f"{KEY}_probabilities"]))
 
 
 def test_gene_symbols_and_reordered_query(pbmc, pbmc_model, pbmc_annotated):
@@ -187,8 +193,8 @@ def test_gene_symbols_and_reordered_query(pbmc, pbmc_model, pbmc_annotated):
     with pytest.raises(InputError, match="holds 0 of the model"):
         scsnn.tl.annotate(q, pbmc_model, device="cpu")
     scsnn.tl.annotate(q, pbmc_model, gene_symbols="symbol", device="cpu")
-    np.testing.assert_allclose(q.obsm[f"{KEY}_probabilities"].to_numpy(),
-                               pbmc_annotated.obsm[f"{KEY}_probabilities"].to_numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(q.obsm[f"{KEY}_probabilities"]),
+                               np.asarray(pbmc_annotated.obsm[f"{KEY}_probabilities"]), atol=1e-5)
 
 
 # -- determinism ----------------------------------------------------------------------------
@@ -197,8 +203,8 @@ def test_same_seed_same_model_and_probabilities(_pbmc_session, pbmc_model, pbmc_
     assert again.model_id == pbmc_model.model_id
     assert again.gene_space.genes == pbmc_model.gene_space.genes
     out = scsnn.tl.annotate(_pbmc_session, again, copy=True, device="cpu")
-    np.testing.assert_array_equal(out.obsm[f"{KEY}_probabilities"].to_numpy(),
-                                  pbmc_annotated.obsm[f"{KEY}_probabilities"].to_numpy())
+    np.testing.assert_array_equal(np.asarray(out.obsm[f"{KEY}_probabilities"]),
+                                  np.asarray(pbmc_annotated.obsm[f"{KEY}_probabilities"]))
 
 
 def test_other_seed_other_model(synth):
@@ -308,8 +314,8 @@ def test_other_neurons_and_encoders_end_to_end(synth, neuron, encoder, tmp_path)
     m.save(tmp_path / "m")
     a = scsnn.tl.annotate(synth, m, copy=True, device="cpu")
     b = scsnn.tl.annotate(synth, tmp_path / "m", copy=True, device="cpu")
-    np.testing.assert_array_equal(a.obsm[f"{KEY}_probabilities"].to_numpy(),
-                                  b.obsm[f"{KEY}_probabilities"].to_numpy())
+    np.testing.assert_array_equal(np.asarray(a.obsm[f"{KEY}_probabilities"]),
+                                  np.asarray(b.obsm[f"{KEY}_probabilities"]))
     assert a.uns[KEY]["params"]["neuron"] == neuron
     assert a.uns[KEY]["params"]["timesteps"] == 3
 
@@ -344,8 +350,8 @@ def test_annotation_on_cuda_matches_cpu(pbmc, pbmc_model, pbmc_annotated):
     out = scsnn.tl.annotate(pbmc, pbmc_model, copy=True, device="cuda")
     agree = (out.obs[KEY] == pbmc_annotated.obs[KEY]).mean()
     assert agree >= 0.99
-    np.testing.assert_allclose(out.obsm[f"{KEY}_probabilities"].to_numpy(),
-                               pbmc_annotated.obsm[f"{KEY}_probabilities"].to_numpy(), atol=1e-3)
+    np.testing.assert_allclose(np.asarray(out.obsm[f"{KEY}_probabilities"]),
+                               np.asarray(pbmc_annotated.obsm[f"{KEY}_probabilities"]), atol=1e-3)
     assert next(pbmc_model.network.parameters()).device.type == "cpu"  # moved back
 
 
@@ -405,4 +411,205 @@ def test_probabilities_use_the_fitted_temperature(pbmc, pbmc_model):
     z = logits / t
     p = np.exp(z - z.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    np.testing.assert_allclose(a.obsm[f"{KEY}_probabilities"].to_numpy(), p, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(a.obsm[f"{KEY}_probabilities"]), p, atol=1e-5)
+
+
+# -- outputs that scanpy and anndata take as they are ------------------------------------
+ODD_NAMES = ["CD4+/CD25 T Reg", "B cell (naïve)", "γδ T/NK", "T细胞 1"]
+
+
+@pytest.fixture(scope="module")
+def odd_model_and_query():
+    """A small model whose class names hold slashes, spaces, brackets and non-Latin script."""
+    a = scsnn.datasets.synthetic(n_cells=300, n_genes=200, n_types=4, rare_fraction=0.03,
+                                 n_markers=10, seed=3)
+    old = list(a.obs["cell_type"].cat.categories)
+    a.obs["cell_type"] = a.obs["cell_type"].cat.rename_categories(
+        dict(zip(old, ODD_NAMES)))
+    m = scsnn.tl.train(a, "cell_type", **small(seed=0, epochs=3))
+    return m, a
+
+
+def test_outputs_write_cleanly_for_any_class_name(odd_model_and_query, tmp_path):
+    m, a = odd_model_and_query
+    assert sorted(m.classes) == sorted(ODD_NAMES)
+    q = scsnn.tl.annotate(a, m, device="cpu", copy=True, min_confidence=0.3,
+                          majority_voting=True, celltypist_columns=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any anndata/h5py/zarr warning fails the test...
+        scsnn.write_h5ad_atomic(q, tmp_path / "q.h5ad")
+        b = ad.read_h5ad(tmp_path / "q.h5ad")
+        # ... but anndata's notice that its default zarr format will change (not our data)
+        warnings.filterwarnings("ignore", message="Writing zarr v2 data will no longer")
+        q.write_zarr(tmp_path / "q.zarr")
+        z = ad.read_zarr(tmp_path / "q.zarr")
+    for back in (b, z):
+        assert list(back.uns[KEY]["classes"]) == m.classes
+        np.testing.assert_array_equal(back.obsm[f"{KEY}_probabilities"],
+                                      q.obsm[f"{KEY}_probabilities"])
+        P = scsnn.tl.probabilities(back)
+        assert list(P.columns) == m.classes
+        np.testing.assert_array_equal(np.asarray(back.obsm[f"{KEY}_step_labels"]),
+                                      q.obsm[f"{KEY}_step_labels"])
+        for col in (KEY, f"{KEY}_majority_voting", "predicted_labels", "majority_voting"):
+            assert list(back.obs[col].astype(str)) == list(q.obs[col].astype(str))
+            assert list(back.obs[col].cat.categories) == list(q.obs[col].cat.categories)
+    # the streamed file path writes the same layout, also without a warning
+    src = tmp_path / "src.h5ad"
+    a.write_h5ad(src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scsnn.tl.annotate_file(src, m, output=tmp_path / "s.h5ad", device="cpu",
+                               min_confidence=0.3)
+        s = ad.read_h5ad(tmp_path / "s.h5ad")
+    np.testing.assert_array_equal(s.obsm[f"{KEY}_probabilities"],
+                                  q.obsm[f"{KEY}_probabilities"])
+    assert list(s.obs[KEY].cat.categories) == list(q.obs[KEY].cat.categories)
+
+
+def test_rank_genes_groups_on_annotated_pbmc_and_no_write_warning(pbmc, pbmc_model, tmp_path):
+    # a cut that leaves some class without a cell: its category must be gone
+    scsnn.tl.annotate(pbmc, pbmc_model, device="cpu", min_confidence=0.5)
+    pred = pbmc.obs[KEY]
+    assert set(pred.cat.categories) == set(pred.astype(str))  # no empty category
+    assert len(pred.cat.categories) < len(pbmc_model.classes) + 1
+    p = tmp_path / "pbmc_annotated.h5ad"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scsnn.write_h5ad_atomic(pbmc, p)
+        b = ad.read_h5ad(p)
+    counts = b.obs[KEY].value_counts()
+    small_groups = counts[counts < 2].index.tolist()  # scanpy needs 2 cells a group
+    if small_groups:
+        b = b[~b.obs[KEY].isin(small_groups).to_numpy()].copy()
+        b.obs[KEY] = b.obs[KEY].cat.remove_unused_categories()
+    layer = "log_normalized" if "log_normalized" in b.layers else None
+    sc.tl.rank_genes_groups(b, KEY, method="t-test", layer=layer)
+    names = b.uns["rank_genes_groups"]["names"].dtype.names
+    assert list(names) == list(b.obs[KEY].cat.categories)
+
+
+# -- majority voting ----------------------------------------------------------------------
+def test_majority_vote_by_hand():
+    labels = pd.Categorical(["a", "a", "b", "b", "b", "Unassigned", "a", "b"],
+                            categories=["b", "a", "Unassigned"])
+    clusters = ["x", "x", "x", "y", "y", "y", "z", "z"]
+    P = np.array([[.9, .1], [.8, .2], [.3, .7], [.2, .8], [.4, .6], [.5, .5], [.6, .4],
+                  [.4, .6]])
+    mv = scsnn.tl.majority_vote(labels, clusters, probabilities=P, classes=["a", "b"])
+    # x: a wins 2 of 3; y: b wins 2 of 3; z: a tie goes to the first category, "b"
+    assert list(mv["majority_voting"].astype(str)) == ["a"] * 3 + ["b"] * 3 + ["b"] * 2
+    np.testing.assert_allclose(mv["majority_voting_fraction"], [2 / 3] * 6 + [0.5] * 2,
+                               rtol=1e-6)
+    np.testing.assert_allclose(mv["majority_voting_probability"],
+                               [(.9 + .8 + .3) / 3] * 3 + [(.8 + .6 + .5) / 3] * 3
+                               + [0.5] * 2, rtol=1e-6)
+    assert list(mv["majority_voting"].cat.categories) == ["b", "a"]  # unused dropped
+    het = scsnn.tl.majority_vote(labels, clusters, min_fraction=0.6)
+    assert list(het["majority_voting"].astype(str)) == (["a"] * 3 + ["b"] * 3
+                                                        + ["Heterogeneous"] * 2)
+    assert "majority_voting_probability" not in het
+
+
+def test_majority_voting_over_an_obs_key(pbmc, pbmc_model):
+    if "louvain" not in pbmc.obs:
+        pytest.skip("needs obs['louvain']")
+    scsnn.tl.annotate(pbmc, pbmc_model, device="cpu", majority_voting=True,
+                      over_clustering="louvain", celltypist_columns=True)
+    mv = pbmc.obs[f"{KEY}_majority_voting"]
+    assert isinstance(mv.dtype, pd.CategoricalDtype)
+    assert set(mv.cat.categories) == set(mv.astype(str))
+    for cl, cells in pbmc.obs.groupby("louvain", observed=True):
+        mode = cells[KEY].astype(str).value_counts()
+        assert set(cells[f"{KEY}_majority_voting"].astype(str)) == {mode.index[0]}
+        np.testing.assert_allclose(cells[f"{KEY}_majority_voting_fraction"],
+                                   mode.iloc[0] / len(cells), rtol=1e-6)
+        j = pbmc_model.classes.index(mode.index[0])
+        P = np.asarray(pbmc.obsm[f"{KEY}_probabilities"])[pbmc.obs["louvain"] == cl]
+        np.testing.assert_allclose(cells[f"{KEY}_majority_voting_probability"],
+                                   P[:, j].mean(), rtol=1e-5)
+    assert f"{KEY}_over_clustering" not in pbmc.obs  # the given key is not copied
+    params = pbmc.uns[KEY]["params"]
+    assert params["majority_voting"] and params["over_clustering"] == "louvain"
+    # CellTypist's columns
+    assert list(pbmc.obs["predicted_labels"]) == list(pbmc.obs[KEY])
+    np.testing.assert_array_equal(pbmc.obs["conf_score"], pbmc.obs[f"{KEY}_confidence"])
+    assert list(pbmc.obs["majority_voting"]) == list(mv)
+    assert list(pbmc.obs["over_clustering"].astype(str)) == list(
+        pbmc.obs["louvain"].astype(str))
+    # annotating again without voting removes the voting columns of the earlier run
+    scsnn.tl.annotate(pbmc, pbmc_model, device="cpu")
+    assert not [c for c in pbmc.obs.columns if c.startswith(f"{KEY}_majority")]
+    assert pbmc.uns[KEY]["params"]["majority_voting"] is False or not pbmc.uns[KEY][
+        "params"]["majority_voting"]
+
+
+def test_majority_voting_with_a_computed_over_clustering(pbmc, pbmc_model):
+    for k in ("connectivities", "distances"):
+        if k in pbmc.obsp:
+            del pbmc.obsp[k]
+    a = scsnn.tl.annotate(pbmc, pbmc_model, device="cpu", copy=True, majority_voting=True)
+    oc = a.obs[f"{KEY}_over_clustering"]
+    assert isinstance(oc.dtype, pd.CategoricalDtype)
+    # an over-clustering: many more clusters than cell types, as CellTypist's resolution 5
+    assert oc.nunique() > a.obs[KEY].nunique()
+    assert a.uns[KEY]["params"]["over_clustering_resolution"] == 5.0
+    assert a.uns[KEY]["params"]["over_clustering"] == "computed"
+    for _, cells in a.obs.groupby(f"{KEY}_over_clustering", observed=True):
+        assert cells[f"{KEY}_majority_voting"].nunique() == 1
+    # the same input, the same clusters; and the input is left as it was
+    b = scsnn.tl.annotate(pbmc, pbmc_model, device="cpu", copy=True, majority_voting=True)
+    assert list(b.obs[f"{KEY}_over_clustering"]) == list(oc)
+    assert "connectivities" not in pbmc.obsp and KEY not in pbmc.obs
+    # voting over clusters of cells of one type agrees with the truth at least as often
+    truth = a.obs["cell_type"].astype(str)
+    acc = (a.obs[KEY].astype(str) == truth).mean()
+    acc_mv = (a.obs[f"{KEY}_majority_voting"].astype(str) == truth).mean()
+    assert acc_mv > acc - 0.1
+
+
+def test_majority_voting_bad_input_is_refused(pbmc, pbmc_model):
+    with pytest.raises(InputError, match="not an obs column") as e:
+        scsnn.tl.annotate(pbmc, pbmc_model, device="cpu", over_clustering="nope")
+    assert_one_line(str(e.value))
+    assert KEY not in pbmc.obs  # refused before any work
+    with pytest.raises(InputError, match="holds 3 values for 700 cells"):
+        scsnn.tl.annotate(pbmc, pbmc_model, device="cpu", over_clustering=[1, 2, 3])
+    pbmc.obs["partial"] = pd.Categorical(["a"] * 699 + [None])
+    with pytest.raises(InputError, match="1 cells without a cluster"):
+        scsnn.tl.annotate(pbmc, pbmc_model, device="cpu", over_clustering="partial")
+    with pytest.raises(InputError, match="majority_min_fraction"):
+        scsnn.tl.annotate(pbmc, pbmc_model, device="cpu", majority_voting=True,
+                          majority_min_fraction=2.0)
+
+
+def test_predictions_table(pbmc, pbmc_model):
+    if "louvain" not in pbmc.obs:
+        pytest.skip("needs obs['louvain']")
+    scsnn.tl.annotate(pbmc, pbmc_model, device="cpu", over_clustering="louvain")
+    t = scsnn.tl.predictions_table(pbmc, probabilities_=True)
+    assert list(t.columns[:7]) == ["cell", "predicted_label", "confidence", "majority_voting",
+                                   "majority_voting_fraction", "majority_voting_probability",
+                                   "over_clustering"]
+    assert list(t["cell"]) == list(pbmc.obs_names)
+    assert list(t["over_clustering"]) == list(pbmc.obs["louvain"].astype(str))
+    P = t[[f"p({c})" for c in pbmc_model.classes]].to_numpy()
+    np.testing.assert_array_equal(P, pbmc.obsm[f"{KEY}_probabilities"])
+    plain = scsnn.tl.predictions_table(scsnn.tl.annotate(pbmc, pbmc_model, device="cpu",
+                                                         copy=True))
+    assert list(plain.columns) == ["cell", "predicted_label", "confidence"]
+
+
+# -- Unassigned, honestly -----------------------------------------------------------------
+def test_mostly_unassigned_is_warned(pbmc, pbmc_model, caplog):
+    with caplog.at_level(logging.WARNING, logger="scsnn"):
+        scsnn.tl.annotate(pbmc, pbmc_model, device="cpu", min_confidence=0.999)
+    frac = (pbmc.obs[KEY] == UNASSIGNED).mean()
+    assert frac > 0.5
+    msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("are Unassigned" in m and "min_confidence 0.999" in m for m in msgs), msgs
+    assert all("\n" not in m for m in msgs)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="scsnn"):
+        scsnn.tl.annotate(pbmc, pbmc_model, device="cpu", min_confidence=0.05)
+    assert not [r for r in caplog.records if "Unassigned" in r.getMessage()]

@@ -79,6 +79,28 @@ def test_dry_run_plans_chunks_and_skips_training_for_a_given_model(tmp_path):
     assert "subset_input" in stats
 
 
+def test_majority_voting_options_reach_annotate_and_gather(tmp_path):
+    cfg = _test_config(tmp_path)
+    c = yaml.safe_load(cfg.read_text())
+    c["annotate"].update(majority_voting=True, over_clustering="leiden",
+                         majority_min_fraction=0.2, celltypist_columns=True)
+    c["queries"]["pbmc_5p_chunked"]["over_clustering"] = "louvain"  # a query's own column
+    cfg.write_text(yaml.safe_dump(c))
+    r = snakemake("-n", "-p", "--directory", tmp_path, "--snakefile", ROOT / "Snakefile",
+                  "--configfile", cfg)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    cmds = [line for line in out.splitlines() if "scsnn " in line]
+    whole = [x for x in cmds if " annotate " in x and "--chunk " not in x]
+    chunks = [x for x in cmds if "--chunk " in x]
+    gathers = [x for x in cmds if " gather " in x]
+    assert whole and chunks and gathers
+    assert all("--majority-voting --over-clustering leiden --majority-min-fraction 0.2 "
+               "--celltypist-columns" in x for x in whole)
+    assert all("--over-clustering louvain" in x for x in gathers)
+    assert not any("--majority-voting" in x or "--celltypist" in x for x in chunks)
+
+
 def test_invalid_config_is_refused(tmp_path):
     cfg = _test_config(tmp_path)
     bad = yaml.safe_load(cfg.read_text())
@@ -121,7 +143,7 @@ def workflow_run(tmp_path_factory):
 
 def _predictions(path: Path) -> tuple[pd.Series, np.ndarray, np.ndarray]:
     a = ad.read_h5ad(path)
-    return (a.obs["scsnn"].astype(str), a.obsm["scsnn_probabilities"].to_numpy(),
+    return (a.obs["scsnn"].astype(str), np.asarray(a.obsm["scsnn_probabilities"]),
             np.asarray(a.obsm["scsnn_step_labels"]))
 
 

@@ -11,6 +11,7 @@ rule annotate:
         sample=names_regex(WHOLE),
     params:
         options=lambda wildcards: annotate_options(wildcards.sample),
+        voting=lambda wildcards: voting_options(wildcards.sample),
     threads: setting("annotate", "threads")
     resources:
         mem_mb=setting("annotate", "mem_mb"),
@@ -21,7 +22,7 @@ rule annotate:
         "../envs/scsnn.yaml"
     shell:
         "scsnn --threads {threads} annotate {input.query:q} --model {input.model:q} "
-        "--output {output:q} {params.options} > {log:q} 2>&1"
+        "--output {output:q} {params.options} {params.voting} > {log:q} 2>&1"
 
 
 rule annotate_chunk:
@@ -60,10 +61,11 @@ rule gather:
         sample=names_regex(CHUNKED),
     params:
         key=setting("annotate", "key_added"),
+        voting=lambda wildcards: voting_options(wildcards.sample),
     log:
         f"{OUT}/logs/gather/{{sample}}.log",
     conda:
         "../envs/scsnn.yaml"
     shell:
         "scsnn gather {input.query:q} {input.chunks:q} --output {output:q} "
-        "--key-added {params.key:q} > {log:q} 2>&1"
+        "--key-added {params.key:q} {params.voting} > {log:q} 2>&1"

@@ -96,6 +96,21 @@ def annotate_options(sample):
     return f"{shlex.join(opts)} {input_options(query(sample))}"
 
 
+def voting_options(sample):
+    """--majority-voting / --over-clustering / --celltypist-columns, for whole queries and
+    for gather (a chunk cannot vote: it is not the whole query)."""
+    opts = []
+    if setting("annotate", "majority_voting"):
+        clusters = query(sample).get("over_clustering") or setting("annotate", "over_clustering")
+        opts.append("--majority-voting")
+        if clusters:
+            opts += ["--over-clustering", clusters]
+        opts += ["--majority-min-fraction", str(setting("annotate", "majority_min_fraction"))]
+    if setting("annotate", "celltypist_columns"):
+        opts.append("--celltypist-columns")
+    return shlex.join(opts)
+
+
 def report_options(wildcards):
     truth = query(wildcards.sample).get("truth_key")
     opts = [
