@@ -27,6 +27,9 @@ logger = logging.getLogger("scsnn")
 
 RARE_THRESHOLD = 0.03
 
+#: Equal-width confidence bins of the reliability diagram (as in training's calibration).
+CALIBRATION_BINS = 15
+
 #: The label of cells left unassigned (top probability under ``min_confidence``).
 UNASSIGNED = "Unassigned"
 
@@ -138,6 +141,9 @@ def evaluate(
     evaluated cells, "Unassigned" ones counted as errors; ``n_unassigned``,
     ``fraction_unassigned`` and ``assigned`` (the same metrics over the assigned cells only)
     say how many cells ``min_confidence`` left out and how the others fared.
+    ``calibration`` (with ``obs[f"{key_added}_confidence"]``): the expected calibration error
+    of the confidences against the truth and the reliability-diagram bins, see
+    :func:`calibration_report`.
     """
     if key_added not in adata.obs.columns:
         raise InputError(f"no predictions in obs['{key_added}']: run scsnn annotate first")
@@ -171,6 +177,10 @@ def evaluate(
             model_classes,
             decision_steps=adata.obs[dec_key].to_numpy()[mask] if dec_key in adata.obs else None,
         )
+    cal = _calibration_of(adata, key_added, truth[mask].astype(str).to_numpy(), mask,
+                          model_classes)
+    if cal is not None:
+        report["calibration"] = cal
     report["n_cells_skipped"] = int((~mask).sum())
     if key_added in adata.uns:
         report["model"] = str(adata.uns[key_added].get("model", ""))
@@ -178,6 +188,86 @@ def evaluate(
     if out is not None:
         write_report(report, out)
     return report
+
+
+def calibration_report(
+    confidence: ArrayLike, correct: ArrayLike, *, n_bins: int = CALIBRATION_BINS
+) -> dict[str, Any]:
+    """Expected calibration error and the data of a reliability diagram.
+
+    ``confidence`` is the probability a cell's top class was given, ``correct`` whether that
+    class is the cell's true label. Cells fall in ``n_bins`` equal-width bins ``(lo, hi]`` of
+    confidence (a confidence of 0 joins the first bin); the ECE is the cell-weighted mean gap
+    ``|mean confidence - accuracy|`` over the bins, the figure that
+    :func:`scsnn.training.expected_calibration_error` gives at training time.
+
+    Returns
+    -------
+    ``{"ece", "n_bins", "n_cells", "bins"}``; ``bins`` holds the lists ``lower``, ``upper``,
+    ``count``, ``mean_confidence`` and ``accuracy`` (``None`` for an empty bin).
+    """
+    conf = np.asarray(confidence, dtype=np.float64).ravel()
+    hit = np.asarray(correct, dtype=bool).ravel()
+    if conf.shape != hit.shape:
+        raise ValueError("confidence and correct differ in length")
+    if n_bins < 1:
+        raise ValueError("n_bins must be at least 1")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # bin i holds (edges[i], edges[i + 1]]; 0 joins bin 0, anything above 1 the last bin
+    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    n = conf.size
+    counts, means, accs = [], [], []
+    ece = 0.0
+    for i in range(n_bins):
+        inside = idx == i
+        k = int(inside.sum())
+        counts.append(k)
+        if k:
+            mc, ac = float(conf[inside].mean()), float(hit[inside].mean())
+            ece += k / n * abs(mc - ac)
+            means.append(mc)
+            accs.append(ac)
+        else:
+            means.append(None)
+            accs.append(None)
+    return {
+        "ece": float(ece) if n else None,
+        "n_bins": int(n_bins),
+        "n_cells": int(n),
+        "bins": {"lower": edges[:-1].tolist(), "upper": edges[1:].tolist(), "count": counts,
+                 "mean_confidence": means, "accuracy": accs},
+    }
+
+
+def _calibration_of(adata: ad.AnnData, key_added: str, truth: np.ndarray, mask: np.ndarray,
+                    model_classes: list[str] | None) -> dict[str, Any] | None:
+    """Calibration of ``obs[KEY_confidence]`` against the truth of the evaluated cells.
+
+    A cell counts as right when its top class is its true label: the top class of
+    ``obsm[KEY_probabilities]`` where present (so cells that ``min_confidence`` left
+    "Unassigned" are judged by the class their confidence belongs to), else the predicted
+    label ("Unassigned" counted as wrong). ``None`` without a confidence column.
+    """
+    conf_key = f"{key_added}_confidence"
+    if conf_key not in adata.obs.columns:
+        return None
+    conf = adata.obs[conf_key].to_numpy(dtype=np.float64)[mask]
+    prob_key = f"{key_added}_probabilities"
+    top = None
+    if prob_key in adata.obsm and model_classes is not None:
+        proba = np.asarray(adata.obsm[prob_key])
+        if proba.ndim == 2 and proba.shape[1] == len(model_classes):
+            top = np.asarray(model_classes, dtype=object)[proba[mask].argmax(1)].astype(str)
+    source = "probabilities"
+    if top is None:
+        top = adata.obs[key_added].astype(str).to_numpy()[mask]
+        source = "labels"
+    ok = np.isfinite(conf)
+    if not ok.any():
+        return None
+    cal = calibration_report(conf[ok], top[ok] == truth[ok])
+    cal["source"] = source
+    return cal
 
 
 def _plain(v: Any) -> Any:
@@ -193,10 +283,18 @@ def _uns_safe(report: dict[str, Any]) -> dict[str, Any]:
     """The report in a form that AnnData writes to .h5ad (no None, no list of dicts)."""
     pc = pd.DataFrame(report["per_class"]).drop(columns=["in_model"])
     safe = {k: v for k, v in report.items()
-            if k not in ("per_class", "confusion", "energy", "latency") and v is not None}
+            if k not in ("per_class", "confusion", "energy", "latency", "calibration")
+            and v is not None}
     for k in ("energy", "latency", "assigned"):
         if k in report:
             safe[k] = {kk: vv for kk, vv in report[k].items() if vv is not None}
+    if "calibration" in report:
+        cal = report["calibration"]
+        safe["calibration"] = {k: v for k, v in cal.items() if k != "bins" and v is not None}
+        safe["calibration"]["bins"] = {
+            k: np.asarray([np.nan if x is None else x for x in v],
+                          dtype=np.int64 if k == "count" else np.float64)
+            for k, v in cal["bins"].items()}
     safe["rare_classes"] = np.asarray(report["rare_classes"], dtype=object)
     safe["per_class"] = {c: pc[c].to_numpy() for c in pc.columns}
     safe["confusion_labels"] = np.asarray(report["confusion"]["labels"], dtype=object)
@@ -243,6 +341,10 @@ def format_table(report: dict[str, Any]) -> str:
         )
     if "n_unassigned" in report:
         lines.append(_unassigned_line(report))
+    cal = report.get("calibration")
+    if cal and cal.get("ece") is not None:
+        lines.append(f"expected calibration error {cal['ece']:.3f} "
+                     f"({cal['n_bins']} confidence bins, {cal['n_cells']} cells)")
     return "\n".join(lines)
 
 

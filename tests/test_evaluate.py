@@ -269,3 +269,87 @@ def test_latency_report_takes_label_names_or_indices():
     names = np.asarray(classes, dtype=object)[idx]
     truth = ["a", "a", "c"]
     assert latency_report(truth, idx, classes) == latency_report(truth, names, classes)
+
+
+# -- calibration -----------------------------------------------------------------------------
+def test_calibration_report_hand_made():
+    from scsnn.evaluate import calibration_report
+
+    conf = [0.0, 0.2, 0.5, 0.6, 0.9, 1.0]
+    hit = [False, True, False, True, True, True]
+    c = calibration_report(conf, hit, n_bins=2)
+    assert c["n_bins"] == 2 and c["n_cells"] == 6
+    b = c["bins"]
+    assert b["lower"] == [0.0, 0.5] and b["upper"] == [0.5, 1.0]
+    # bins are (lo, hi]: 0.5 belongs to the first, 0 joins the first
+    assert b["count"] == [3, 3]
+    assert b["mean_confidence"] == pytest.approx([0.7 / 3, 2.5 / 3])
+    assert b["accuracy"] == pytest.approx([1 / 3, 1.0])
+    ece = 0.5 * abs(0.7 / 3 - 1 / 3) + 0.5 * abs(2.5 / 3 - 1.0)
+    assert c["ece"] == pytest.approx(ece)
+    # an empty bin has no mean: None (JSON null), and is left out of the ECE
+    e = calibration_report([0.95, 0.96], [True, False], n_bins=4)
+    assert e["bins"]["count"] == [0, 0, 0, 2]
+    assert e["bins"]["accuracy"][:3] == [None, None, None]
+    assert e["ece"] == pytest.approx(abs(0.955 - 0.5))
+    assert calibration_report([], [])["ece"] is None
+    with pytest.raises(ValueError, match="differ in length"):
+        calibration_report([0.5], [True, False])
+
+
+def test_calibration_ece_equals_training_ece():
+    from scsnn.evaluate import calibration_report
+    from scsnn.training import expected_calibration_error
+
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(500, 6)) * 2
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    y = rng.integers(0, 6, size=500)
+    c = calibration_report(p.max(1), p.argmax(1) == y)
+    assert c["ece"] == pytest.approx(expected_calibration_error(p, y), abs=1e-12)
+    assert sum(c["bins"]["count"]) == 500
+
+
+def test_evaluate_reports_calibration(pbmc_annotated, tmp_path):
+    from scsnn.training import expected_calibration_error
+
+    a = pbmc_annotated.copy()
+    r = scsnn.evaluate(a, "cell_type", out=tmp_path)
+    cal = r["calibration"]
+    classes = [str(c) for c in a.uns["scsnn"]["classes"]]
+    y = np.array([classes.index(t) for t in a.obs["cell_type"].astype(str)])
+    proba = np.asarray(a.obsm["scsnn_probabilities"], dtype=np.float64)
+    assert cal["source"] == "probabilities" and cal["n_cells"] == a.n_obs
+    assert cal["ece"] == pytest.approx(expected_calibration_error(proba, y), abs=1e-6)
+    assert sum(cal["bins"]["count"]) == a.n_obs
+    # the accuracy of all bins, weighted by their cells, is the accuracy of the top class
+    acc = sum(n * x for n, x in zip(cal["bins"]["count"], cal["bins"]["accuracy"]) if n)
+    assert acc / a.n_obs == pytest.approx(r["accuracy"])
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["calibration"]["ece"] == pytest.approx(cal["ece"])
+    assert "expected calibration error" in format_table(r)
+    scsnn.write_h5ad_atomic(a, tmp_path / "a.h5ad")  # NaN bins write to .h5ad
+    back = ad.read_h5ad(tmp_path / "a.h5ad").uns["scsnn_evaluation"]["calibration"]
+    assert back["ece"] == pytest.approx(cal["ece"])
+    assert list(back["bins"]["count"]) == cal["bins"]["count"]
+
+
+def test_calibration_without_probabilities_counts_unassigned_wrong():
+    a = _annotated_toy(n_rep=1)
+    a.obs["scsnn_confidence"] = np.array([0.9, 0.8, 0.7, 0.6, 0.3, 0.95], dtype=np.float32)
+    r = scsnn.evaluate(a, "truth")
+    cal = r["calibration"]
+    assert cal["source"] == "labels" and cal["n_cells"] == 6
+    # right: cells 0, 1, 3, 5; the Unassigned cell (0.3) counts as wrong
+    from scsnn.evaluate import calibration_report
+
+    hits = [True, True, False, True, False, True]
+    assert cal["ece"] == pytest.approx(calibration_report(
+        a.obs["scsnn_confidence"], hits)["ece"])
+    # with probabilities, an Unassigned cell is judged by its top class
+    proba = np.eye(3, dtype=np.float32)[[0, 0, 1, 1, 1, 2]]
+    a.obsm["scsnn_probabilities"] = proba
+    assert scsnn.evaluate(a, "truth")["calibration"]["source"] == "probabilities"
+    # no confidence column: no calibration
+    del a.obs["scsnn_confidence"]
+    assert "calibration" not in scsnn.evaluate(a, "truth")

@@ -1,4 +1,5 @@
-# Per-sample reports (tables, plots, evaluation where a truth key is given) and one summary.
+# Per-sample reports (tables, plots, evaluation where a truth key is given; report.md and a
+# self-contained report.html) and one summary (summary.md, summary.html).
 
 
 rule report:
@@ -8,6 +9,7 @@ rule report:
         md=f"{OUT}/reports/{{sample}}/report.md",
         json=f"{OUT}/reports/{{sample}}/report.json",
         labels=f"{OUT}/reports/{{sample}}/labels.csv",
+        html=f"{OUT}/reports/{{sample}}/report.html",
     params:
         options=report_options,
         outdir=lambda wildcards, output: Path(output.json).parent,
@@ -25,6 +27,7 @@ rule summary:
     output:
         md=f"{OUT}/summary/summary.md",
         tsv=f"{OUT}/summary/summary.tsv",
+        html=f"{OUT}/summary/summary.html",
     params:
         reports=lambda wildcards, input: [str(Path(p).parent) for p in input],
         outdir=lambda wildcards, output: Path(output.tsv).parent,
