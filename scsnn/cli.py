@@ -17,11 +17,27 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from ._version import __version__
 
+
+class _Group(TyperGroup):
+    """``scsnn CMD --help`` shows CMD's help straight away. (typer coerces every non-flag
+    option value through pydantic, a 0.2 s import: the group's own -v/--threads are not
+    processed when nothing runs.)"""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if (len(args) > 1 and args[0] in self.commands and "--" not in args
+                and not ctx.resilient_parsing
+                and any(a in ("-h", "--help") for a in args[1:])):
+            self.commands[args[0]].make_context(args[0], list(args[1:]), parent=ctx)
+        return super().parse_args(ctx, args)
+
+
 app = typer.Typer(
     name="scsnn",
+    cls=_Group,
     help="Cell-type annotation of scRNA-seq data with a heterogeneous spiking neural network.\n\n"
     "Typical use: scsnn train ref.h5ad --label-key cell_type --out model/ ; "
     "scsnn annotate query.h5ad --model model/ ; "
@@ -29,11 +45,19 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    # plain click help: option names never cut at 80 columns (rich's tables cut them), lines
+    # up to 120 wide on a wide terminal, switches as --x/--no-x, and no rich import for --help
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
 )
 
 log = logging.getLogger("scsnn")
-_state: dict[str, Any] = {"debug": False}
+_state: dict[str, Any] = {"debug": False, "quiet": False}
+
+#: commands that never load torch: --threads sets the variables only
+_TORCH_FREE = frozenset({"info", "summarize", "subset"})
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                "NUMBA_NUM_THREADS")
 
 
 class Encoder(str, Enum):
@@ -59,6 +83,8 @@ class Device(str, Enum):
 
 
 def _setup_logging(verbosity: int) -> None:
+    """-q: warnings and errors; default: what was done; -v: debug detail (per-epoch losses);
+    -vv: also the warnings of the libraries underneath (torch, scanpy, ...)."""
     level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if verbosity > 0
@@ -66,13 +92,14 @@ def _setup_logging(verbosity: int) -> None:
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
+    if verbosity >= 2:
+        return
     # quiet third-party chatter that says nothing about the user's data
     for name in ("torch._library.triton", "torch", "spikingjelly", "matplotlib"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    if verbosity <= 0:
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*Triton.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*Triton.*")
 
 
 def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -112,31 +139,46 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def main_callback(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version_callback, is_eager=True,
                            help="Show the version and exit.")
     ] = False,
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
-                                         help="More messages (-vv for debug).")] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    verbose: Annotated[int, typer.Option(
+        "--verbose", "-v", count=True, show_default=False,
+        help="More messages: -v adds debug detail (per-epoch training losses), -vv also "
+        "the warnings of the libraries underneath.")] = 0,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="Only warnings and errors; no progress bar.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
     threads: Annotated[int | None, typer.Option(
-        "--threads", min=1, help="CPU threads for torch (default: all cores); set it when "
-        "several scsnn jobs share a machine.")] = None,
+        "--threads", min=1, help="CPU threads for torch, BLAS and numba (default: all "
+        "cores); set it when several scsnn jobs share a machine.")] = None,
 ) -> None:
     _state["debug"] = debug
+    _state["quiet"] = quiet
     if threads is not None:
-        import os
+        _set_threads(threads, torch_needed=ctx.invoked_subcommand not in _TORCH_FREE)
+    _setup_logging(-1 if quiet else verbose)
 
-        # torch's pool is set below; the variables reach the pools started later (numba's,
-        # and those of any child process)
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                    "NUMBA_NUM_THREADS"):
-            os.environ[var] = str(threads)
+
+def _set_threads(threads: int, *, torch_needed: bool = True) -> None:
+    """Thread pools of BLAS (OpenMP, MKL, OpenBLAS), numba and torch. The variables are set
+    before any of these libraries loads (nothing heavy is imported before a command runs),
+    so their pools start at this size; torch's pool is also set directly."""
+    import os
+
+    for var in _THREAD_VARS:
+        os.environ[var] = str(threads)
+    if torch_needed or "torch" in sys.modules:
         import torch
 
         torch.set_num_threads(threads)
-    _setup_logging(-1 if quiet else verbose)
+
+
+def _progress() -> bool | None:
+    """Progress bars: never with -q; otherwise when stderr is a terminal (None)."""
+    return False if _state["quiet"] else None
 
 
 def _parse_hidden(text: str) -> tuple[int, ...]:
@@ -189,7 +231,9 @@ CsvProbOpt = Annotated[bool, typer.Option(
 def train(
     reference: Annotated[Path, typer.Argument(help="Labelled reference .h5ad.")],
     label_key: Annotated[str, typer.Option("--label-key", "-l", help="obs column with labels.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Model directory to write: model.json (classes, genes, "
+        "preprocessing, settings, training metrics) and weights.safetensors.")],
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same model on CPU).")] = 0,
     encoder: Annotated[Encoder, typer.Option(
         help="Input encoding: direct (analog current), rate, latency or rank "
@@ -232,7 +276,8 @@ def train(
     gene_symbols: SymbolsOpt = None,
     device: DeviceOpt = Device.auto,
 ) -> None:
-    """Train a HIFI spiking classifier on a labelled reference and save it to OUT."""
+    """Train a HIFI spiking classifier on a labelled REFERENCE and write the model directory
+    (--out) that 'scsnn annotate --model' reads; 'scsnn info' shows what it holds."""
     sizes = _parse_hidden(hidden)
     from . import distributed, tl
     from .io import read_h5ad
@@ -257,7 +302,8 @@ def train(
     )
     model = tl.train(
         adata, label_key, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, seed=seed,
-        device=device.value, stream_from=reference if stream else None, **settings,
+        device=device.value, stream_from=reference if stream else None,
+        progress=_progress(), **settings,
     )
     model.settings["reference"] = str(reference)
     if max_cells is not None:
@@ -629,6 +675,162 @@ def dataset(
         typer.echo(f"wrote {p}")
 
 
+#: the model directory's format marker and the newest schema this scsnn reads (bundle.py's
+#: MODEL_FORMAT / SCHEMA_VERSION, repeated here so that 'scsnn info' needs no torch; a test
+#: keeps them equal)
+_MODEL_FORMAT = "scsnn-model"
+_MODEL_SCHEMA = 2
+
+
+def _read_model_json(path: Path) -> dict[str, Any]:
+    """The model.json of a model directory, checked as ScsnnModel.load checks it (format
+    marker, schema version), without torch and without reading the weights."""
+    import json
+
+    from .errors import ModelError
+
+    if not path.is_dir():
+        raise ModelError(f"model directory not found: {path}")
+    meta_path = path / "model.json"
+    if not meta_path.is_file():
+        raise ModelError(f"not an scsnn model: {path} has no model.json")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"damaged model: {meta_path} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != _MODEL_FORMAT:
+        raise ModelError(f"not an scsnn model: {meta_path} has no scsnn format marker")
+    version = meta.get("schema_version")
+    if not isinstance(version, int):
+        raise ModelError(f"damaged model: {meta_path} has no schema version")
+    if version > _MODEL_SCHEMA:
+        raise ModelError(f"model schema {version} is newer than this scsnn ({__version__}) "
+                         f"reads (schema {_MODEL_SCHEMA}); upgrade scsnn")
+    for key, kind in (("classes", list), ("network", dict), ("gene_space", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise ModelError(f"damaged model: {meta_path} has no {key}")
+    return meta
+
+
+def model_info(path: Path) -> dict[str, Any]:
+    """What a model directory holds, from its model.json: classes (with their labelled
+    reference cells when recorded), genes, network settings, training metrics, versions."""
+    meta = _read_model_json(path)
+    net, settings = meta["network"], meta.get("settings") or {}
+    metrics = meta.get("metrics") or {}
+    counts = metrics.get("class_counts") or {}
+    genes = meta["gene_space"].get("genes") or []
+    pre = settings.get("preprocess") or {}
+    cal = metrics.get("calibration") or {}
+    weights = meta.get("weights") or {}
+    return {
+        "path": str(path),
+        "model_id": meta.get("model_id"),
+        "format": meta["format"],
+        "schema_version": meta["schema_version"],
+        "scsnn_version": meta.get("scsnn_version"),
+        "created": meta.get("created"),
+        "weights": {"file": weights.get("file"),
+                    "present": bool(weights.get("file")) and (path / weights["file"]).is_file()},
+        "classes": [{"name": str(c), "n_cells": counts.get(str(c))} for c in meta["classes"]],
+        "n_genes": len(genes) or net.get("n_genes"),
+        "gene_space": {"n_hvg": meta["gene_space"].get("n_hvg", pre.get("n_hvg")),
+                       "n_markers_per_class": pre.get("n_markers"),
+                       "reference_kind": meta["gene_space"].get("reference_kind")},
+        "network": {k: net.get(k) for k in ("neuron", "encoder", "timesteps", "hidden",
+                                            "heterogeneous", "autapse", "online", "rank_n")
+                    if k in net},
+        "training": {
+            "reference": settings.get("reference"),
+            "label_key": settings.get("label_key"),
+            "seed": settings.get("seed"),
+            "device": settings.get("device"),
+            "bilevel": metrics.get("bilevel"),
+            "epochs_max": (settings.get("train") or {}).get("epochs"),
+            "epochs_run": metrics.get("epochs_run"),
+            "best_epoch": metrics.get("best_epoch"),
+            "train_seconds": metrics.get("train_seconds"),
+            "n_train": metrics.get("n_train"),
+            "n_alpha": metrics.get("n_alpha"),
+            "n_select": metrics.get("n_select"),
+            "select_macro_f1": metrics.get("select_macro_f1"),
+        },
+        "calibration": {k: cal.get(k) for k in ("temperature", "ece_before", "ece_after",
+                                                "n_cells") if k in cal},
+    }
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _format_info(info: dict[str, Any]) -> str:
+    net, tr, cal = info["network"], info["training"], info["calibration"]
+    lines = [f"scsnn model {str(info['model_id'] or '?')[:12]} ({info['path']})",
+             f"  written by     scsnn {info['scsnn_version'] or '?'}, model schema "
+             f"{info['schema_version']}" + (f", {info['created']}" if info["created"] else "")]
+    if not info["weights"]["present"]:
+        lines.append("  weights        MISSING (the model cannot annotate)")
+    gs = info["gene_space"]
+    detail = ", ".join(x for x in (
+        f"{gs['n_hvg']} highly variable" if gs.get("n_hvg") is not None else "",
+        f"top {gs['n_markers_per_class']} markers per class"
+        if gs.get("n_markers_per_class") else "") if x)
+    lines.append(f"  genes          {info['n_genes']}" + (f" ({detail})" if detail else ""))
+    hidden = ",".join(str(h) for h in net.get("hidden") or [])
+    neuron = str(net.get("neuron", "?"))
+    if neuron == "hifi":
+        traits = [("heterogeneous" if net.get("heterogeneous") else "homogeneous"),
+                  ("autapse" if net.get("autapse") else "no autapse")]
+        neuron += f" ({', '.join(traits)})"
+    lines.append(f"  network        {neuron} neurons, {net.get('encoder', '?')} encoder, "
+                 f"T={net.get('timesteps', '?')}, hidden {hidden or '-'}"
+                 + (", online gradients" if net.get("online") else ""))
+    if tr.get("reference") or tr.get("label_key"):
+        lines.append(f"  reference      {tr.get('reference') or '?'} "
+                     f"(labels: obs['{tr.get('label_key') or '?'}'])")
+    split = "/".join(_fmt(tr.get(k), "d") for k in ("n_train", "n_alpha", "n_select"))
+    lines.append(f"  training       {_fmt(tr['epochs_run'], 'd')} epochs run"
+                 f" (best {_fmt(tr['best_epoch'], 'd')}, at most {_fmt(tr['epochs_max'], 'd')}),"
+                 f" {_fmt(tr['train_seconds'], '.1f')} s, cells train/alpha/select {split}"
+                 + ("" if tr.get("bilevel") is None else
+                    f", {'bi-level' if tr['bilevel'] else 'joint'}"))
+    lines.append(f"  selection      macro-F1 {_fmt(tr['select_macro_f1'])} on "
+                 f"{_fmt(tr.get('n_select'), 'd')} held-out reference cells")
+    if cal:
+        lines.append(f"  calibration    ECE {_fmt(cal.get('ece_before'))} -> "
+                     f"{_fmt(cal.get('ece_after'))} (temperature "
+                     f"{_fmt(cal.get('temperature'))}, {_fmt(cal.get('n_cells'), 'd')} cells)")
+    classes = info["classes"]
+    with_counts = any(c["n_cells"] is not None for c in classes)
+    lines.append(f"  classes        {len(classes)}"
+                 + (" (labelled reference cells)" if with_counts else ""))
+    width = max((len(c["name"]) for c in classes), default=0)
+    for c in classes:
+        n = "" if c["n_cells"] is None else f"{c['n_cells']:>8}"
+        lines.append(f"    {c['name']:<{width}}{n}".rstrip())
+    return "\n".join(lines)
+
+
+@app.command()
+@_guarded
+def info(
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="Model directory (from "
+                                          "scsnn train).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the information as JSON.")]
+    = False,
+) -> None:
+    """Show what a model holds: classes and their training cells, genes, network settings,
+    training and calibration metrics, versions. Reads model.json only (fast, no torch)."""
+    summary = model_info(model)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(summary, indent=1))
+    else:
+        typer.echo(_format_info(summary))
+
+
 @app.command()
 @_guarded
 def benchmark(
@@ -653,9 +855,10 @@ def benchmark(
         "table shows mean ± sd over them.")] = "0",
     encoder: Annotated[Encoder, typer.Option(help="Input encoding of the scsnn networks.")]
     = Encoder.latency,
-    timesteps: Annotated[int, typer.Option("--timesteps", "-T", min=1, max=64)] = 4,
+    timesteps: Annotated[int, typer.Option("--timesteps", "-T", min=1, max=64,
+                                           help="Time steps T.")] = 4,
     epochs: Annotated[int, typer.Option(min=1, help="Maximum training epochs.")] = 40,
-    rare_threshold: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.03,
+    rare_threshold: RareOpt = 0.03,
     device: DeviceOpt = Device.auto,
 ) -> None:
     """Compare HIFI with LIF, PLIF, the ANN twin, logistic regression and CellTypist."""
@@ -736,7 +939,7 @@ def demo(
     typer.echo(f"pbmc68k_reduced: {len(tr)} reference cells, {len(te)} query cells, "
                f"{adata.obs['cell_type'].nunique()} cell types")
     model = tl.train(ref, "cell_type", seed=seed, device=device.value,
-                     **tl.configs(epochs=epochs))
+                     progress=_progress(), **tl.configs(epochs=epochs))
     model.save(out / "model")
     query.obs["true_cell_type"] = query.obs["cell_type"]
     tl.annotate(query, model, device=device.value)

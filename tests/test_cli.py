@@ -589,3 +589,130 @@ def test_gather_with_majority_voting(pbmc_model_dir, pbmc, tmp_path):
     assert "majority_voting" in pd.read_csv(tmp_path / "g.csv").columns
     assert_clean_error(invoke("gather", q, *parts, "--output", tmp_path / "h.h5ad",
                               "--majority-voting"), "needs over_clustering")
+
+
+# -- help, threads, progress, messages -----------------------------------------------------
+def _all_help_pages(columns: int) -> dict[str, str]:
+    """Every help page as a terminal of this width shows it (a fresh interpreter: the test
+    runner pins click's width to 80)."""
+    code = (
+        "import sys, typer\n"
+        "from scsnn.cli import app\n"
+        "for name in ['', *typer.main.get_command(app).commands]:\n"
+        "    print(f'=== PAGE {name}', flush=True)\n"
+        "    try:\n"
+        "        app([name, '--help'] if name else ['--help'], prog_name='scsnn')\n"
+        "    except SystemExit as e:\n"
+        "        assert not e.code, (name, e.code)\n")
+    env = {**os.environ, "COLUMNS": str(columns), "TERM": "dumb"}
+    env.pop("TERMINAL_WIDTH", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       check=False, timeout=120)
+    assert r.returncode == 0, r.stderr
+    pages: dict[str, str] = {}
+    for chunk in r.stdout.split("=== PAGE")[1:]:
+        name, _, text = chunk.partition("\n")
+        pages[name.strip()] = text
+    return pages
+
+
+def test_help_at_80_columns_names_every_option_in_full():
+    import typer
+
+    group = typer.main.get_command(app)
+    pages = _all_help_pages(80)
+    commands = {"": group, **group.commands}
+    for name, cmd in commands.items():
+        text = pages[name]
+        for param in cmd.params:
+            for opt in (*param.opts, *param.secondary_opts):
+                if opt.startswith("-"):
+                    assert opt in text.split() or f"{opt}," in text, (name, opt)
+        assert "…" not in text, name
+        assert "<bool>" not in text, name  # switches read --x/--no-x, without a type
+        assert max(len(line) for line in text.splitlines()) <= 80, name
+    assert "--bilevel / --no-bilevel" in pages["train"]
+    assert "--heterogeneous / --no-heterogeneous" in pages["train"]
+    assert "--min-cells-per-class" in pages["train"]
+    # --out says what is written
+    assert "model.json" in pages["train"] and "weights.safetensors" in pages["train"]
+    assert "save it to OUT" not in pages["train"]
+
+
+def test_help_uses_a_wide_terminal():
+    wide = _all_help_pages(200)["train"]
+    assert max(len(line) for line in wide.splitlines()) > 100  # up to 120 columns
+    assert max(len(line) for line in wide.splitlines()) <= 120
+
+
+def test_threads_set_before_the_libraries_load(tmp_path):
+    """--threads reaches BLAS, OpenMP, numba and torch: the variables are set before any of
+    them is imported (nothing heavy loads before the command runs)."""
+    code = (
+        "import json, os, sys\n"
+        "from scsnn.cli import app\n"
+        "early = [m for m in ('numpy', 'torch', 'numba', 'scipy') if m in sys.modules]\n"
+        "try:\n"
+        f"    app(['--threads', '1', 'train', {str(tmp_path / 'missing.h5ad')!r}, '-l', 'x',"
+        f" '-o', {str(tmp_path / 'm')!r}])\n"
+        "except SystemExit as e:\n"
+        "    code = e.code\n"
+        "import numba, torch\n"
+        "from threadpoolctl import threadpool_info\n"
+        "print(json.dumps({'early': early, 'code': code, 'numba': numba.config.NUMBA_NUM_THREADS,"
+        " 'torch': torch.get_num_threads(), 'pools': [i['num_threads'] for i in "
+        "threadpool_info()], 'env': {v: os.environ.get(v) for v in ('OMP_NUM_THREADS', "
+        "'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'NUMBA_NUM_THREADS')}}))\n")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       check=False, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["early"] == []
+    assert got["code"] == 1  # the missing file, after the libraries loaded
+    assert got["env"] == dict.fromkeys(got["env"], "1")
+    assert got["numba"] == 1 and got["torch"] == 1
+    assert got["pools"] and all(n == 1 for n in got["pools"])
+
+
+def test_threads_with_a_torch_free_command_loads_no_torch(pbmc_model_dir):
+    code = ("import sys\nfrom scsnn.cli import app\n"
+            f"try:\n    app(['--threads', '2', 'info', {str(pbmc_model_dir)!r}])\n"
+            "except SystemExit as e:\n    assert not e.code\n"
+            "import os\nassert os.environ['OMP_NUM_THREADS'] == '2'\n"
+            "assert 'torch' not in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=False, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_progress_bar_follows_quiet(work, tmp_path, monkeypatch):
+    """The training bar: off with -q, otherwise left to training (on when stderr is a
+    terminal)."""
+    _, ref, _ = work
+    seen = []
+
+    def fake_train(*args, **kwargs):
+        seen.append(kwargs.get("progress", "absent"))
+        raise InputError("stop here")
+
+    monkeypatch.setattr(scsnn.tl, "train", fake_train)
+    for flags, expected in ((["-q"], False), ([], None), (["-v"], None)):
+        r = invoke(*flags, "train", ref, "-l", "cell_type", "-o", tmp_path / "m", "--epochs",
+                   "1")
+        assert_clean_error(r, "stop here")
+        assert seen[-1] is expected, (flags, seen)
+
+
+def test_verbose_training_messages_are_concise(work, tmp_path):
+    _, ref, _ = work
+    r = invoke("-v", "train", ref, "--label-key", "cell_type", "--out", tmp_path / "m",
+               "--epochs", "2", "--hidden", "16", "--n-hvg", "100", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    err = r.stderr
+    assert "DEBUG: epoch 1: train loss" in err
+    assert "{" not in err and "}" not in err  # no raw dicts
+    assert "nan" not in err.lower().replace("nanoseconds", "")
+    assert "Traceback" not in err
+    assert all(line.startswith(("INFO: ", "DEBUG: ", "WARNING: ")) for line in
+               err.splitlines() if line.strip()), err

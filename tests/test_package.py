@@ -46,3 +46,40 @@ def test_evaluate_is_callable_after_its_module_is_imported():
         "'scsnn': list('abbb')}, index=list('wxyz')))\n"
         "assert abs(scsnn.evaluate(a, 't')['accuracy'] - 0.75) < 1e-9")
     assert "scsnn.evaluate" in loaded
+
+
+HEAVY = ("torch", "scanpy", "anndata", "numba", "spikingjelly", "matplotlib", "sklearn",
+         "pandas", "numpy", "scipy", "h5py", "rich")
+
+
+def test_cli_help_and_version_load_no_heavy_library():
+    """`scsnn --help`, `scsnn CMD --help` and `scsnn --version` answer at once: building the
+    app and rendering every help page imports none of the scientific stack (nor rich)."""
+    code = (
+        "import sys\n"
+        "import typer\n"
+        "import scsnn.cli\n"
+        "group = typer.main.get_command(scsnn.cli.app)\n"
+        "for argv in [['--help'], ['--version'], *([c, '--help'] for c in group.commands)]:\n"
+        "    try:\n"
+        "        scsnn.cli.app(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert not e.code, (argv, e.code)\n"
+        "print('COMMANDS', ' '.join(group.commands), file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, "-c", code + "print('MODULES', ' '.join(sys.modules),"
+                          " file=sys.stderr)\n"], capture_output=True, text=True, check=True)
+    lines = dict(line.split(" ", 1) for line in out.stderr.splitlines()
+                 if line.startswith(("MODULES ", "COMMANDS ")))
+    assert {"train", "annotate", "info", "demo"} <= set(lines["COMMANDS"].split())
+    loaded = {m.split(".")[0] for m in lines["MODULES"].split()}
+    assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+    # `scsnn CMD --help` does not coerce the group's options (typer does it with pydantic)
+    assert "pydantic" not in loaded
+    import scsnn
+
+    assert f"scsnn {scsnn.__version__}" in out.stdout.splitlines()  # --version
+
+
+def test_cli_module_import_is_light():
+    loaded = _modules_after("import scsnn.cli")
+    assert not {m.split(".")[0] for m in loaded} & set(HEAVY)

@@ -112,6 +112,75 @@ def test_invalid_config_is_refused(tmp_path):
     assert "hodgkin-huxley" in r.stdout + r.stderr
 
 
+def _user_config(tmp_path: Path, **changes) -> dict:
+    """A user's own config: one reference and one query of their own (empty files do for a
+    dry run), nothing of the demo."""
+    for name in ("my_ref.h5ad", "my_query.h5ad"):
+        (tmp_path / name).touch()
+    cfg = {"outdir": "results/mine",
+           "reference": {"path": "my_ref.h5ad", "label_key": "cell_type"},
+           "queries": {"my_sample": {"path": "my_query.h5ad"}}}
+    cfg.update(changes)
+    return cfg
+
+
+def _dry_run(tmp_path: Path, cfg: dict | None) -> subprocess.CompletedProcess:
+    args = ["-n", "--directory", tmp_path, "--snakefile", ROOT / "Snakefile"]
+    if cfg is not None:
+        path = tmp_path / "my.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        args += ["--configfile", path]
+    return snakemake(*args)
+
+
+def _job_counts(out: str) -> dict[str, int]:
+    stats = out[out.index("Job stats"):].split("total")[0]
+    return {line.split()[0]: int(line.split()[1]) for line in stats.splitlines()
+            if len(line.split()) == 2 and line.split()[1].isdigit()}
+
+
+def test_a_user_config_is_used_alone(tmp_path):
+    """--configfile is not merged into the demo's config: only the user's samples are
+    planned, and no demo data."""
+    r = _dry_run(tmp_path, _user_config(tmp_path))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert _job_counts(out) == {"train": 1, "annotate": 1, "report": 1, "summary": 1, "all": 1}
+    assert "demo_data" not in out and "pbmc_query" not in out and "results/demo" not in out
+    assert "results/mine/annotated/my_sample.h5ad" in out
+
+
+def test_without_a_configfile_the_demo_runs(tmp_path):
+    r = _dry_run(tmp_path, None)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    jobs = _job_counts(out)
+    assert jobs["demo_data"] == 1 and jobs["annotate"] == 1
+    assert "results/demo/annotated/pbmc_query.h5ad" in out
+
+
+@pytest.mark.parametrize(("edit", "fragments"), [
+    (lambda c: c["reference"].update(lable_key=c["reference"].pop("label_key")),
+     ["'lable_key'", "under reference", "did you mean 'label_key'"]),
+    (lambda c: c.update(trian={"epochs": 3}), ["'trian'", "top level", "did you mean 'train'"]),
+    (lambda c: c["queries"]["my_sample"].update(truthkey="cell_type"),
+     ["'truthkey'", "queries.my_sample", "did you mean 'truth_key'"]),
+    (lambda c: c.update(annotate={"batchsize": 64}), ["'batchsize'", "under annotate"]),
+    (lambda c: c["reference"].update(subset=["donor"]), ["reference.subset", "object"]),
+    (lambda c: c["queries"]["my_sample"].pop("path"), ["queries.my_sample", "'path'"]),
+    (lambda c: c.update(train={"epochs": 0}), ["train.epochs", "minimum"]),
+])
+def test_a_config_mistake_stops_the_run_with_one_line(tmp_path, edit, fragments):
+    cfg = _user_config(tmp_path)
+    edit(cfg)
+    r = _dry_run(tmp_path, cfg)
+    assert r.returncode == 1, r.stdout + r.stderr
+    msg = (r.stdout + r.stderr).strip()
+    assert msg.startswith("config error: ") and "\n" not in msg, msg
+    for f in fragments:
+        assert f in msg, msg
+
+
 def test_slurm_profile_parses_and_dry_runs(tmp_path):
     profile = yaml.safe_load((ROOT / "workflows/profiles/slurm/config.yaml").read_text())
     assert profile["executor"] == "slurm"
