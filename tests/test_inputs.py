@@ -620,9 +620,10 @@ def run_case(case: Case, c: Ctx):
 
 def message_of(case: Case, r) -> str:
     """The line a case documents: the error, or the log lines that say what was found."""
-    if case.code == 2:  # the words in typer's box
+    if case.code == 2:  # click's usage error (plain, or in rich's box)
         boxed = [line.strip(" │╭╮╰╯─") for line in r.output.splitlines() if "│" in line]
-        return " ".join(" ".join(boxed).split())
+        text = boxed or [line for line in r.output.splitlines() if line.startswith("Error")]
+        return " ".join(" ".join(text).split())
     if case.code == 1:
         return r.stderr.strip()
     lines = [line for line in r.stderr.strip().splitlines() if line]
