@@ -398,7 +398,7 @@ def annotate(
                               output=str(dest))
     else:
         summary = tl.annotate_file(query, loaded, output=output, chunk_size=chunk_size,
-                                   chunk=part, **options)
+                                   chunk=part, progress=_progress(), **options)
     what = f" (chunk {chunk})" if part is not None else ""
     typer.echo(f"annotated {summary['n_cells']} cells{what} -> {summary['output']} "
                f"(obs['{key_added}'])")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -900,6 +901,7 @@ def annotate_file(
     over_clustering: str | None = None,
     majority_min_fraction: float = 0.0,
     celltypist_columns: bool = False,
+    progress: bool | None = False,
 ) -> dict[str, Any]:
     """Annotate an ``.h5ad`` file block by block, with memory bounded by ``chunk_size`` cells.
 
@@ -929,6 +931,8 @@ def annotate_file(
         matrix: use :func:`annotate` on the loaded AnnData (``scsnn annotate
         --majority-voting`` without ``--over-clustering`` does so). A chunk cannot vote (it
         is not the whole query): give the options to :func:`gather`.
+    progress
+        A progress bar over the cells on stderr (``None``: when stderr is a terminal).
     Other parameters are those of :func:`annotate`.
 
     Returns
@@ -973,6 +977,12 @@ def annotate_file(
         parts: list[Predictions] = []
         counter = SpikeCounter()
         m.network.to(dev)
+        from tqdm.auto import tqdm
+
+        # a bar over the cells: on request, or (progress=None) when stderr is a terminal
+        show = progress if progress is not None else sys.stderr.isatty()
+        bar = tqdm(total=hi - lo, desc="annotating", unit="cells", unit_scale=True,
+                   disable=not show, leave=False)
         try:
             for a in range(lo, hi, chunk_size):
                 b = min(hi, a + chunk_size)
@@ -987,7 +997,9 @@ def annotate_file(
                 counter.merge(pred.counter)
                 parts.append(pred)
                 logger.debug("annotated cells %d-%d of %d", a, b, rows.n_obs)
+                bar.update(b - a)
         finally:
+            bar.close()
             m.network.to("cpu")
         if not parts:  # an empty chunk: nothing to predict, but a valid (empty) result
             if present is None:

@@ -411,3 +411,16 @@ def test_gather_votes_and_keeps_every_category(query_file, pbmc_model, tmp_path)
     with pytest.raises(InputError, match="needs over_clustering"):
         scsnn.tl.gather(query_file, parts, tmp_path / "x.h5ad", majority_voting=True)
     assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_annotate_file_progress_bar_counts_every_cell(tmp_path, pbmc_model, _pbmc_session,
+                                                     capsys):
+    src = tmp_path / "q.h5ad"
+    _pbmc_session.write_h5ad(src)
+    scsnn.tl.annotate_file(src, pbmc_model, output=tmp_path / "out.h5ad", chunk_size=256,
+                           batch_size=128, device="cpu", progress=True)
+    err = capsys.readouterr().err
+    assert "annotating" in err and f"/{_pbmc_session.n_obs}" in err and "cells/s" in err
+    scsnn.tl.annotate_file(src, pbmc_model, output=tmp_path / "out2.h5ad", chunk_size=256,
+                           batch_size=128, device="cpu", progress=False)
+    assert "annotating" not in capsys.readouterr().err
