@@ -60,8 +60,9 @@ def _column_mean_var(X: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.maximum(sq - mean**2, 0.0)
 
 
-def _class_moments(X: sp.csr_matrix, codes: np.ndarray, n_classes: int):
-    """Per class: cell counts, means and variances of every gene (two sparse products)."""
+def _class_sums(X: sp.csr_matrix, codes: np.ndarray, n_classes: int):
+    """Per class: cell counts, and sums and sums of squares of every gene (two sparse
+    products)."""
     n = X.shape[0]
     ind = sp.csr_matrix(
         (np.ones(n, dtype=np.float64), (codes, np.arange(n))), shape=(n_classes, n)
@@ -69,6 +70,12 @@ def _class_moments(X: sp.csr_matrix, codes: np.ndarray, n_classes: int):
     counts = np.asarray(ind.sum(axis=1)).ravel()
     sums = np.asarray((ind @ X).todense())
     sqs = np.asarray((ind @ X.multiply(X)).todense())
+    return counts, sums, sqs
+
+
+def _class_moments(X: sp.csr_matrix, codes: np.ndarray, n_classes: int):
+    """Per class: cell counts, means and variances of every gene."""
+    counts, sums, sqs = _class_sums(X, codes, n_classes)
     mean = sums / np.maximum(counts, 1)[:, None]
     var = np.maximum(sqs / np.maximum(counts, 1)[:, None] - mean**2, 0.0)
     return counts, mean, var
@@ -103,12 +110,7 @@ def marker_scores(X: sp.csr_matrix, codes: np.ndarray, n_classes: int) -> np.nda
     class than in the rest get negative scores.
     """
     n = X.shape[0]
-    ind = sp.csr_matrix(
-        (np.ones(n, dtype=np.float64), (codes, np.arange(n))), shape=(n_classes, n)
-    )
-    counts = np.asarray(ind.sum(axis=1)).ravel()
-    sums = np.asarray((ind @ X).todense())
-    sqs = np.asarray((ind @ X.multiply(X)).todense())
+    counts, sums, sqs = _class_sums(X, codes, n_classes)
     tot_sum, tot_sq = sums.sum(0), sqs.sum(0)
     n_in = counts[:, None]
     n_out = np.maximum(n - n_in, 1)
