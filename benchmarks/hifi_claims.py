@@ -4,6 +4,8 @@
     python benchmarks/hifi_claims.py --table ablation --out docs/benchmark_results/claims
     python benchmarks/hifi_claims.py --table encoders --out docs/benchmark_results/claims
     python benchmarks/hifi_claims.py --report --out docs/benchmark_results/claims
+    python benchmarks/hifi_claims.py --variant hifi-aug:augment_depth=0.3 \
+        --tasks pbmc_kang,tumour --out docs/benchmark_results/claims
 
 Tables:
 
@@ -14,6 +16,13 @@ Tables:
   (no bi-level), without smoothness, on the six ablation tasks (the three PBMC ones among them);
 * ``encoders``: HIFI with the direct, rate, latency and rank encoders on all 12 tasks, at the
   same T.
+
+``--variant NAME:key=value,...`` (repeatable) runs HIFI with other settings (flat names of
+:func:`scsnn.tl.configs`) beside the stored rows, on ``--tasks`` (default: all); alone, it
+runs no table. ``adapt_batchnorm=1`` annotates each query with test-time adaptation of
+batch norm (:func:`scsnn.tl.annotate`); ``adapt_batchnorm=both`` scores every trained network
+without and with it, the adapted rows named ``NAME+adabn``. The report adds a ``variants``
+table: each variant beside HIFI's default and the baselines, with rare-class recall.
 
 Every (task, method, encoder, seed) is one job; jobs run in ``--jobs`` processes with one
 torch thread each, and each finished job is appended to ``<out>/rows.jsonl``, so an
@@ -138,19 +147,57 @@ def _key(task: str, method: str, encoder: str | None, seed: int) -> str:
 
 
 def run_job(data_dir: str, folds: int, task: str, method: str, encoder: str | None, seed: int,
-            settings: dict[str, Any]) -> dict[str, Any]:
-    """One method, one encoder, one seed on every split of one task."""
+            settings: dict[str, Any], name: str | None = None,
+            variant: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One method (or the variant ``name``: HIFI with the ``variant`` settings), one encoder,
+    one seed on every split of one task; one record (two with ``adapt_batchnorm=both``)."""
     from scsnn import benchmark as bm
 
     desc, label, make = tasks(Path(data_dir), folds, 0)[task]
-    kw = dict(settings, device="cpu")
+    kw = dict(settings, device="cpu", **(variant or {}))
     if encoder is not None:
         kw["encoder"] = encoder
+    name = name or method
     t0 = time.perf_counter()
     res = bm.run(list(make()), label, methods=[method], seeds=[seed], train_kwargs=kw)
-    return {"key": _key(task, method, encoder, seed), "task": task, "what": desc,
-            "method": method, "encoder": encoder, "seed": seed, "rows": res["rows"],
-            "celltypist": res["celltypist"], "wall_seconds": time.perf_counter() - t0}
+    wall = time.perf_counter() - t0
+    recs = []
+    for suffix in ("", "+adabn"):
+        rows = [dict(r, method=name + suffix) for r in res["rows"]
+                if r["method"] == method + suffix]
+        if rows:
+            recs.append({"key": _key(task, name + suffix, encoder, seed), "task": task,
+                         "what": desc, "method": name + suffix, "encoder": encoder,
+                         "seed": seed, "settings": variant or {}, "rows": rows,
+                         "celltypist": res["celltypist"], "wall_seconds": wall})
+    return recs
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME:key=value,...`` -> (NAME, settings); values are read as JSON where they
+    parse (numbers, true/false, lists), else kept as strings."""
+    name, _, spec = text.partition(":")
+    if not name or name in TABLES["main"]["methods"] or "|" in name:
+        raise SystemExit(f"--variant {text!r}: give a new name before the colon")
+    settings: dict[str, Any] = {}
+    for kv in filter(None, spec.split(",")):
+        k, eq, val = kv.partition("=")
+        if not eq:
+            raise SystemExit(f"--variant {text!r}: {kv!r} is not key=value")
+        try:
+            settings[k] = json.loads(val)
+        except ValueError:
+            settings[k] = val
+    flat = {k: v for k, v in settings.items() if k != "adapt_batchnorm"}
+    from scsnn import tl
+
+    try:
+        tl.configs(**flat)  # an unknown name or a bad value fails here, before any job runs
+    except Exception as exc:
+        raise SystemExit(f"--variant {text!r}: {exc}") from None
+    if settings.get("adapt_batchnorm") not in (None, 0, 1, True, False, "both"):
+        raise SystemExit(f"--variant {text!r}: adapt_batchnorm is 0, 1 or both")
+    return name, settings
 
 
 def _done(rows_file: Path) -> set[str]:
@@ -178,17 +225,39 @@ def run_table(table: str, args: argparse.Namespace) -> None:
                         jobs.append((task, method, enc_used, seed, key))
     print(f"table {table}: {len(jobs)} jobs to run ({len(done)} rows already in {rows_file})",
           flush=True)
+    _run_jobs([(t, m, e, s, None, None) for t, m, e, s, _ in jobs], args)
+
+
+def run_variants(args: argparse.Namespace) -> None:
+    names = args.tasks.split(",") if args.tasks else list(tasks(args.data_dir, args.folds, 0))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    done = _done(args.out / "rows.jsonl")
+    jobs = []
+    for name, settings in (parse_variant(v) for v in args.variant):
+        for task in names:
+            for seed in seeds:
+                keys = [_key(task, name, args.encoder, seed)]
+                if settings.get("adapt_batchnorm") == "both":
+                    keys.append(_key(task, name + "+adabn", args.encoder, seed))
+                if not all(k in done for k in keys):
+                    jobs.append((task, "hifi", args.encoder, seed, name, settings))
+    print(f"variants: {len(jobs)} jobs to run", flush=True)
+    _run_jobs(jobs, args)
+
+
+def _run_jobs(jobs: list[tuple], args: argparse.Namespace) -> None:
+    rows_file = args.out / "rows.jsonl"
     settings = {"timesteps": args.timesteps, "epochs": args.epochs}
     with ProcessPoolExecutor(max_workers=args.jobs, initializer=_init_worker) as pool:
-        futures = {pool.submit(run_job, str(args.data_dir), args.folds, t, m, e, s, settings): k
-                   for t, m, e, s, k in jobs}
+        futures = [pool.submit(run_job, str(args.data_dir), args.folds, t, m, e, s, settings,
+                               name, variant) for t, m, e, s, name, variant in jobs]
         for fut in as_completed(futures):
-            rec = fut.result()
-            with rows_file.open("a") as f:
-                f.write(json.dumps(rec, default=str) + "\n")
-            f1 = [r.get("macro_f1") for r in rec["rows"] if r.get("macro_f1") is not None]
-            print(f"{rec['key']}: macro-F1 {sum(f1) / len(f1) if f1 else float('nan'):.3f} "
-                  f"({rec['wall_seconds']:.0f} s)", flush=True)
+            for rec in fut.result():
+                with rows_file.open("a") as f:
+                    f.write(json.dumps(rec, default=str) + "\n")
+                f1 = [r.get("macro_f1") for r in rec["rows"] if r.get("macro_f1") is not None]
+                print(f"{rec['key']}: macro-F1 {sum(f1) / len(f1) if f1 else float('nan'):.3f} "
+                      f"({rec['wall_seconds']:.0f} s)", flush=True)
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -290,9 +359,70 @@ def report(args: argparse.Namespace) -> None:
         text = "\n".join(lines) + "\n"
         (args.out / f"{table}.md").write_text(text)
         lines_all.append(text)
+    known = {m for spec in TABLES.values() for m in spec["methods"]}
+    variants = []
+    for rec in records:
+        if rec["method"] not in known and rec["method"] not in variants:
+            variants.append(rec["method"])
+    if variants:
+        text = _variants_table(summ, order, variants)
+        (args.out / "variants.md").write_text(text)
+        lines_all.append(text)
     (args.out / "summary.md").write_text("\n".join(lines_all))
     (args.out / "summary.json").write_text(json.dumps(summ, indent=1, default=str))
     print("\n".join(lines_all))
+
+
+BASELINES = ("logreg", "logreg-balanced", "celltypist")
+
+
+def _variants_table(summ: dict[str, Any], order: list[str], variants: list[str]) -> str:
+    """Each variant beside HIFI's default and the baselines: macro-F1 and rare-class recall
+    per task, then per variant its tally against the default and against the best baseline
+    (ties: under the larger sd; a deterministic baseline has sd 0)."""
+    cols = ["hifi", *variants, *BASELINES]
+    present = [t for t in order if any(v in summ[t] for v in variants)]
+    lines = ["## variants", "",
+             "macro-F1, mean ± sd over training seeds (rare mean recall below it); **bold** = "
+             "best of the row, _italic_ = tied with the best.", "",
+             "| task | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for t in present:
+        row = summ[t]
+        cands = [row[v] for v in cols if v in row and "macro_f1" in row[v]]
+        best = max(cands, key=lambda s: s["macro_f1"]) if cands else None
+        cells = []
+        for v in cols:
+            s = row.get(v)
+            c = _cell(s)
+            if s is best:
+                c = f"**{c}**"
+            elif s is not None and best is not None and _compare(s, best) == "tie":
+                c = f"_{c}_"
+            cells.append(c)
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        lines.append("| (rare recall) | " + " | ".join(
+            _cell(row.get(v), "rare_mean_recall", "{:.2f}") for v in cols) + " |")
+    lines += ["", "| variant | vs hifi (win / tie / loss) | mean Δ to hifi | vs best baseline "
+              "(win / tie / loss) | tasks ≥ best baseline − 0.01 | tasks |",
+              "|---|---|---|---|---|---|"]
+    for v in variants:
+        ts = [t for t in present if "macro_f1" in summ[t].get(v, {})]
+        vs_h = [_compare(summ[t][v], summ[t].get("hifi")) for t in ts]
+        deltas = [summ[t][v]["macro_f1"] - summ[t]["hifi"]["macro_f1"] for t in ts
+                  if "macro_f1" in summ[t].get("hifi", {})]
+        vs_b, close = [], 0
+        for t in ts:
+            bs = [summ[t][b] for b in BASELINES if "macro_f1" in summ[t].get(b, {})]
+            if not bs:
+                continue
+            b = max(bs, key=lambda s: s["macro_f1"])
+            vs_b.append(_compare(summ[t][v], b))
+            close += summ[t][v]["macro_f1"] >= b["macro_f1"] - 0.01
+        mean_d = f"{sum(deltas) / len(deltas):+.4f}" if deltas else "–"
+        lines.append(f"| {v} | {vs_h.count('win')} / {vs_h.count('tie')} / {vs_h.count('loss')}"
+                     f" | {mean_d} | {vs_b.count('win')} / {vs_b.count('tie')} / "
+                     f"{vs_b.count('loss')} | {close} | {len(ts)} |")
+    return "\n".join(lines) + "\n"
 
 
 def _tally(summ: dict[str, Any], present: list[str], ref: str, others: list[str]) -> list[str]:
@@ -347,6 +477,9 @@ def main() -> None:
     ap.add_argument("--table", choices=list(TABLES), action="append",
                     help="table(s) to run (repeat the option for several)")
     ap.add_argument("--report", action="store_true", help="only write the report")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME:key=value,... HIFI with other settings, on --tasks "
+                         "(repeatable; adapt_batchnorm=1|both for test-time adaptation)")
     ap.add_argument("--tasks", default=None, help="comma-separated (default: the table's)")
     ap.add_argument("--seeds", default="0,1,2", help="training seeds")
     ap.add_argument("--encoder", default=None, help="encoder of the scsnn networks outside "
@@ -365,8 +498,12 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report:
-        for table in args.table or ["main"]:
+        for v in args.variant:
+            parse_variant(v)  # every variant checked before anything runs
+        for table in args.table or ([] if args.variant else ["main"]):
             run_table(table, args)
+        if args.variant:
+            run_variants(args)
     report(args)
 
 

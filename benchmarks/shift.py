@@ -11,7 +11,9 @@ regression (plain and class-balanced) and CellTypist on the same cells. ``--vari
 NAME:key=value,...`` adds scsnn runs with other settings (flat names of
 :func:`scsnn.tl.configs`), e.g. ``--variant hifi-aug:augment_depth=0.3``. Jobs (shift,
 method, seed) run in parallel processes with one thread each, and finished jobs are kept in
-``OUT/rows.jsonl`` (a rerun resumes). The report (``shift.md``, ``shift.json``): macro-F1 and
+``OUT/rows.jsonl`` (a rerun resumes). A variant's ``adapt_batchnorm=1`` annotates the query
+with test-time adaptation of batch norm; ``adapt_batchnorm=both`` scores the same networks
+without and with it (rows ``NAME`` and ``NAME+adabn``). The report (``shift.md``, ``shift.json``): macro-F1 and
 the mean recall of the rare subtypes, mean ± sd over training seeds, per method and shift.
 """
 
@@ -50,7 +52,7 @@ def _data(out: Path, shift: float, args: argparse.Namespace) -> Path:
 
 
 def run_job(data: str, shift: float, name: str, method: str, settings: dict[str, Any],
-            seed: int, timesteps: int, epochs: int) -> dict[str, Any]:
+            seed: int, timesteps: int, epochs: int) -> list[dict[str, Any]]:
     import anndata as ad
 
     from scsnn import benchmark as bm
@@ -64,7 +66,7 @@ def run_job(data: str, shift: float, name: str, method: str, settings: dict[str,
                  seeds=[seed], train_kwargs=kw)
     rows = res["rows"]
     for r in rows:
-        r["method"] = name
+        r["method"] = name + ("+adabn" if r["method"].endswith("+adabn") else "")
         if "truth" in r:
             import numpy as np
 
@@ -73,8 +75,12 @@ def run_job(data: str, shift: float, name: str, method: str, settings: dict[str,
             r["rare_subtype_recall"] = rec
             r["rare_subtype_mean_recall"] = float(np.mean(list(rec.values()))) if rec else None
             del r["truth"], r["pred"]  # 10,000 cells per row: keep the file small
-    return {"key": f"{shift:g}|{name}|{seed}", "shift": shift, "method": name, "seed": seed,
-            "settings": settings, "rows": rows, "wall_seconds": time.perf_counter() - t0}
+    wall = time.perf_counter() - t0
+    # with adapt_batchnorm=both: a second record, NAME+adabn, from the same trained networks
+    return [{"key": f"{shift:g}|{n}|{seed}", "shift": shift, "method": n, "seed": seed,
+             "settings": settings, "rows": [r for r in rows if r["method"] == n],
+             "wall_seconds": wall}
+            for n in dict.fromkeys(r["method"] for r in rows)]
 
 
 def _mean_sd(vals: list[float]) -> tuple[float, float]:
@@ -182,20 +188,23 @@ def main() -> None:
                 for seed in (int(x) for x in args.seeds.split(",")):
                     if method in BASELINES and method != "celltypist" and seed != 0:
                         continue  # deterministic: one run
-                    if f"{s:g}|{name}|{seed}" not in done:
+                    keys = [f"{s:g}|{name}|{seed}"]
+                    if settings.get("adapt_batchnorm") == "both":
+                        keys.append(f"{s:g}|{name}+adabn|{seed}")
+                    if not all(k in done for k in keys):
                         jobs.append((str(d), s, name, method, settings, seed))
         print(f"{len(jobs)} jobs to run", flush=True)
         with ProcessPoolExecutor(max_workers=args.jobs, initializer=_init_worker) as pool:
             futs = [pool.submit(run_job, *j, args.timesteps, args.epochs) for j in jobs]
             for fut in as_completed(futs):
-                rec = fut.result()
-                with rows_file.open("a") as f:
-                    f.write(json.dumps(rec, default=str) + "\n")
-                r = rec["rows"][0]
-                rare = r.get("rare_subtype_mean_recall")
-                print(f"{rec['key']}: macro-F1 {r.get('macro_f1', float('nan')):.3f}, rare "
-                      f"{float('nan') if rare is None else rare:.3f} "
-                      f"({rec['wall_seconds']:.0f} s)", flush=True)
+                for rec in fut.result():
+                    with rows_file.open("a") as f:
+                        f.write(json.dumps(rec, default=str) + "\n")
+                    r = rec["rows"][0]
+                    rare = r.get("rare_subtype_mean_recall")
+                    print(f"{rec['key']}: macro-F1 {r.get('macro_f1', float('nan')):.3f}, rare "
+                          f"{float('nan') if rare is None else rare:.3f} "
+                          f"({rec['wall_seconds']:.0f} s)", flush=True)
     print(report(args.out))
 
 

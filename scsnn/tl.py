@@ -26,7 +26,9 @@ from .models import (
     NetworkConfig,
     Predictions,
     SpikeCounter,
+    adapt_batchnorm as _adapt_batchnorm,
     build_network,
+    is_analog,
     resolve_device,
     softmax,
     torch_threads_kept,
@@ -334,6 +336,7 @@ def annotate(
     over_clustering_resolution: float | None = None,
     majority_min_fraction: float = 0.0,
     celltypist_columns: bool = False,
+    adapt_batchnorm: bool = False,
     copy: bool = False,
 ) -> ad.AnnData | None:
     """Predict cell types of a query and write them into the AnnData.
@@ -371,6 +374,12 @@ def annotate(
     celltypist_columns
         Also write CellTypist's obs columns: ``predicted_labels``, ``conf_score`` and,
         with majority voting, ``majority_voting`` and ``over_clustering``.
+    adapt_batchnorm
+        Test-time adaptation (AdaBN): before predicting, a first pass over the whole query
+        replaces the network's batch-norm statistics with the query's own (on a copy of the
+        network; the model is left as it was). For a query from another batch, protocol
+        or condition than the reference. The statistics are sums over all query cells, so
+        the result does not depend on how the cells are batched or chunked.
     copy
         Return an annotated copy instead of writing into ``adata``.
 
@@ -424,19 +433,28 @@ def annotate(
     with torch_threads_kept():
         Xq, present = m.gene_space.project(expr)
     n_present = _check_overlap(m, present, min_gene_overlap, expr)
+    _check_batch_size(batch_size)
     dev = resolve_device(device)
-    m.network.to(dev)
+    seed = int(m.settings.get("seed", 0))
+    if adapt_batchnorm:
+        absent = "mean" if is_analog(m.network) else "zero"
+        network = _adapted_network(
+            m, lambda: (m.gene_space.scale(Xq[s : s + batch_size], present, absent=absent)
+                        for s in range(0, Xq.shape[0], batch_size)), dev, seed)
+    else:
+        network = m.network
+    network.to(dev)
     try:
-        pred = predict(m.network, Xq, m.gene_space, present, batch_size=batch_size, device=dev,
-                       seed=int(m.settings.get("seed", 0)), count_spikes=True,
-                       early_exit=early_exit, temperature=m.temperature)
+        pred = predict(network, Xq, m.gene_space, present, batch_size=batch_size, device=dev,
+                       seed=seed, count_spikes=True, early_exit=early_exit,
+                       temperature=m.temperature)
     finally:
-        m.network.to("cpu")
+        network.to("cpu")
     obs, obsm, uns = _slots(
         m, pred, adata.obs_names, key_added=key_added, min_confidence=min_confidence,
         early_exit=early_exit, n_present=n_present, input_kind=expr.kind,
         params={"layer": layer or "", "use_raw": bool(use_raw),
-                "gene_symbols": gene_symbols or ""},
+                "gene_symbols": gene_symbols or "", "adapt_batchnorm": bool(adapt_batchnorm)},
     )
     computed = majority_voting and clusters is None
     if computed:
@@ -460,6 +478,27 @@ def annotate(
     _log_annotated(adata.n_obs, expr.kind, n_present, m, obs[key_added], min_confidence,
                    found=expr.describe(m.gene_space.target_sum))
     return adata if copy else None
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if int(batch_size) < 1:
+        raise InputError(f"batch_size must be positive, got {batch_size}")
+
+
+def _adapted_network(m: ScsnnModel, batches: Any, device: Any, seed: int) -> Any:
+    """A copy of the model's network with its batch-norm statistics adapted to the cells
+    that ``batches()`` yields (every call: all of the query, in order); the model's own
+    network is not touched."""
+    import copy
+
+    net = copy.deepcopy(m.network).to(device)
+    try:
+        n = _adapt_batchnorm(net, batches, device=device, seed=seed)
+    except BaseException:
+        net.to("cpu")
+        raise
+    logger.info("adapted the statistics of %d batch-norm layer(s) to the query", n)
+    return net
 
 
 def _stale_columns(key_added: str, early_exit: float | None, majority_voting: bool) -> tuple:
@@ -901,6 +940,7 @@ def annotate_file(
     over_clustering: str | None = None,
     majority_min_fraction: float = 0.0,
     celltypist_columns: bool = False,
+    adapt_batchnorm: bool = False,
     progress: bool | None = False,
 ) -> dict[str, Any]:
     """Annotate an ``.h5ad`` file block by block, with memory bounded by ``chunk_size`` cells.
@@ -931,6 +971,12 @@ def annotate_file(
         matrix: use :func:`annotate` on the loaded AnnData (``scsnn annotate
         --majority-voting`` without ``--over-clustering`` does so). A chunk cannot vote (it
         is not the whole query): give the options to :func:`gather`.
+    adapt_batchnorm
+        Test-time adaptation of the batch-norm statistics to the query (see
+        :func:`annotate`): a first pass streams the whole file block by block (memory stays
+        bounded) before the prediction pass. Not with ``chunk``: a chunk's own statistics
+        would make its predictions depend on the chunking; adapt the model once on the
+        whole query instead (:func:`adapt`) and annotate the chunks with the adapted model.
     progress
         A progress bar over the cells on stderr (``None``: when stderr is a terminal).
     Other parameters are those of :func:`annotate`.
@@ -951,6 +997,11 @@ def annotate_file(
         raise InputError("majority voting and CellTypist columns need the whole query, not "
                          "a chunk: give them to gather (scsnn gather --majority-voting "
                          "--over-clustering KEY)")
+    if chunk is not None and adapt_batchnorm:
+        raise InputError("batch-norm adaptation needs the whole query, not a chunk (each "
+                         "chunk would get statistics of its own): adapt the model once on the "
+                         "whole query (scsnn adapt QUERY --model M --out M2) and annotate the "
+                         "chunks with the adapted model")
     if majority_voting and over_clustering is None:
         raise InputError("majority voting on a file read in blocks needs over_clustering, an "
                          "obs column of the file (e.g. 'leiden'); to compute an "
@@ -976,7 +1027,10 @@ def annotate_file(
         n_present = 0
         parts: list[Predictions] = []
         counter = SpikeCounter()
-        m.network.to(dev)
+        network = (_adapted_network(m, _streamed_batches(m, rows, kind, chunk_size, batch_size,
+                                                         min_gene_overlap), dev, seed)
+                   if adapt_batchnorm else m.network)
+        network.to(dev)
         from tqdm.auto import tqdm
 
         # a bar over the cells: on request, or (progress=None) when stderr is a terminal
@@ -991,7 +1045,7 @@ def annotate_file(
                     Xq, present = m.gene_space.project(block)
                 if not parts:
                     n_present = _check_overlap(m, present, min_gene_overlap, block)
-                pred = predict(m.network, Xq, m.gene_space, present, batch_size=batch_size,
+                pred = predict(network, Xq, m.gene_space, present, batch_size=batch_size,
                                device=dev, seed=seed, count_spikes=True, early_exit=early_exit,
                                first_batch=a // batch_size, temperature=m.temperature)
                 counter.merge(pred.counter)
@@ -1000,7 +1054,7 @@ def annotate_file(
                 bar.update(b - a)
         finally:
             bar.close()
-            m.network.to("cpu")
+            network.to("cpu")
         if not parts:  # an empty chunk: nothing to predict, but a valid (empty) result
             if present is None:
                 _, present = m.gene_space.project(rows.expression(0, 1, kind))
@@ -1024,7 +1078,7 @@ def annotate_file(
         m, pred, obs_names, key_added=key_added, min_confidence=min_confidence,
         early_exit=early_exit, n_present=n_present, input_kind=kind,
         params={"layer": layer or "", "use_raw": bool(use_raw),
-                "gene_symbols": gene_symbols or ""},
+                "gene_symbols": gene_symbols or "", "adapt_batchnorm": bool(adapt_batchnorm)},
     )
     if chunk is not None:
         uns["chunk"] = {"index": int(chunk[0]), "n_chunks": int(chunk[1]), "start": int(lo),
@@ -1048,6 +1102,84 @@ def annotate_file(
     _log_annotated(len(obs_names), kind, n_present, m, obs[key_added], min_confidence,
                    found=rows_found)
     return _summary(obs, key_added, n_cells=int(len(obs_names)), output=str(dest))
+
+
+def _streamed_batches(m: ScsnnModel, rows: Any, kind: str, chunk_size: int, batch_size: int,
+                      min_gene_overlap: float) -> Any:
+    """``batches()`` for :func:`_adapted_network` over every cell of an open file, read
+    ``chunk_size`` cells at a time (batches cut as the prediction pass cuts them)."""
+    absent = "mean" if is_analog(m.network) else "zero"
+
+    def batches():
+        for a in range(0, rows.n_obs, chunk_size):
+            block = rows.expression(a, min(rows.n_obs, a + chunk_size), kind)
+            with torch_threads_kept():
+                Xq, present = m.gene_space.project(block)
+            if a == 0:
+                _check_overlap(m, present, min_gene_overlap, block)
+            for s in range(0, Xq.shape[0], batch_size):
+                yield m.gene_space.scale(Xq[s : s + batch_size], present, absent=absent)
+
+    return batches
+
+
+def adapt(
+    query: ad.AnnData | str | os.PathLike,
+    model: ScsnnModel | str | os.PathLike,
+    *,
+    layer: str | None = None,
+    use_raw: bool = False,
+    gene_symbols: str | None = None,
+    min_gene_overlap: float = 0.5,
+    batch_size: int = 1024,
+    chunk_size: int = 65_536,
+    device: str = "auto",
+) -> ScsnnModel:
+    """A copy of the model with its batch-norm statistics adapted to a whole query (AdaBN).
+
+    ``query`` is an AnnData or an ``.h5ad`` path (then read ``chunk_size`` cells at a time,
+    memory bounded). Annotating with the returned model equals ``annotate(...,
+    adapt_batchnorm=True)`` with the original one, whether the query is annotated whole or
+    in chunks (``scsnn annotate --chunk I/N`` with the saved adapted model). The model
+    given is not changed; the copy gets a model id of its own and records the adaptation
+    in ``settings["adapted_batchnorm"]``.
+    """
+    import copy
+
+    m = _as_model(model)
+    _check_batch_size(batch_size)
+    if chunk_size < 1:
+        raise InputError("chunk_size must be positive")
+    chunk_size = -(-chunk_size // batch_size) * batch_size
+    dev = resolve_device(device)
+    seed = int(m.settings.get("seed", 0))
+    if isinstance(query, ad.AnnData):
+        expr = get_expression(query, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols)
+        with torch_threads_kept():
+            Xq, present = m.gene_space.project(expr)
+        _check_overlap(m, present, min_gene_overlap, expr)
+        absent = "mean" if is_analog(m.network) else "zero"
+        net = _adapted_network(
+            m, lambda: (m.gene_space.scale(Xq[s : s + batch_size], present, absent=absent)
+                        for s in range(0, Xq.shape[0], batch_size)), dev, seed)
+        n_cells, source = int(query.n_obs), ""
+    else:
+        from .io import H5adRows
+
+        with H5adRows(query, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols) as rows:
+            kind = rows.detect_kind(max_rows=chunk_size)
+            net = _adapted_network(m, _streamed_batches(m, rows, kind, chunk_size, batch_size,
+                                                        min_gene_overlap), dev, seed)
+            n_cells, source = int(rows.n_obs), str(query)
+    net.to("cpu").eval()
+    settings = copy.deepcopy(m.settings)
+    settings["adapted_batchnorm"] = {"from_model": m.model_id, "query": source,
+                                     "n_cells": n_cells, "layer": layer or "",
+                                     "use_raw": bool(use_raw)}
+    out = ScsnnModel(m.gene_space, list(m.classes), net, m.config, settings=settings,
+                     metrics=copy.deepcopy(m.metrics))
+    out.model_id = out.compute_id()
+    return out
 
 
 def _summary(obs: dict[str, Any], key_added: str, **fields: Any) -> dict[str, Any]:
