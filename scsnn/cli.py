@@ -1,5 +1,5 @@
-"""The ``scsnn`` command line: train, annotate (whole or in chunks), gather, evaluate, report,
-summarize, subset, dataset, benchmark, demo.
+"""The ``scsnn`` command line: train, annotate (whole or in chunks), adapt, gather, evaluate,
+report, summarize, subset, dataset, benchmark, demo.
 
 Exit codes: 0 success, 1 data or runtime error (a one-line message; the traceback only with
 ``--debug``), 2 usage error.
@@ -247,6 +247,9 @@ def train(
     hidden: Annotated[str, typer.Option(help="Hidden layer widths.")] = "512,128",
     n_hvg: Annotated[int, typer.Option(min=1, help="Highly variable genes to keep.")] = 2000,
     n_markers: Annotated[int, typer.Option(min=0, help="Top marker genes kept per class.")] = 25,
+    pair_markers: Annotated[int, typer.Option(
+        "--pair-markers", min=0, help="Genes kept per class that best tell it from its "
+        "nearest class (one-vs-nearest), on top of the one-vs-rest markers (0: none).")] = 0,
     class_balance: Annotated[float, typer.Option(min=0.0, max=1.0,
                              help="Sampling weight exponent: 0 as in data, 1 balanced.")] = 0.5,
     bilevel: Annotated[bool, typer.Option(
@@ -259,6 +262,18 @@ def train(
     = 1.0,
     alpha_steps: Annotated[int, typer.Option(min=1, help="Steps of the neuron parameters per "
                                              "upper-level round.")] = 32,
+    augment_depth: Annotated[float, typer.Option(
+        "--augment-depth", help="Training augmentation of sequencing depth: each training "
+        "cell's counts are thinned (binomially) to a fraction drawn from [D, 1]; 0 < D <= 1, "
+        "1: off. Needs raw counts in the reference.")] = 1.0,
+    augment_gene_noise: Annotated[float, typer.Option(
+        "--augment-gene-noise", min=0.0, help="Training augmentation of per-gene batch "
+        "effects: every training batch multiplies each gene by a log-normal factor of this "
+        "sd (0: off).")] = 0.0,
+    logit_adjust: Annotated[float, typer.Option(
+        "--logit-adjust", min=0.0, help="Logit-adjusted training loss: tau * log(class "
+        "prior) is added to the logits in the loss, so that common classes are not favoured "
+        "(0: off; 1: the usual tau).")] = 0.0,
     online: Annotated[bool, typer.Option(
         help="Online gradients (state detached between steps) instead of full BPTT.")] = False,
     min_cells_per_class: Annotated[int, typer.Option(min=1,
@@ -279,6 +294,9 @@ def train(
     """Train a HIFI spiking classifier on a labelled REFERENCE and write the model directory
     (--out) that 'scsnn annotate --model' reads; 'scsnn info' shows what it holds."""
     sizes = _parse_hidden(hidden)
+    if not 0.0 < augment_depth <= 1.0:
+        raise typer.BadParameter(f"give a fraction in (0, 1], got {augment_depth:g}",
+                                 param_hint="--augment-depth")
     from . import distributed, tl
     from .io import read_h5ad
 
@@ -298,7 +316,9 @@ def train(
         neuron=neuron.value, hidden=sizes, n_hvg=n_hvg, n_markers=n_markers,
         class_balance=class_balance, bilevel=bilevel, autapse=autapse,
         heterogeneous=heterogeneous, smoothness=smoothness, alpha_steps=alpha_steps,
-        online=online, min_cells_per_class=min_cells_per_class,
+        online=online, min_cells_per_class=min_cells_per_class, n_pair_markers=pair_markers,
+        augment_depth=augment_depth, augment_gene_noise=augment_gene_noise,
+        logit_adjust=logit_adjust,
     )
     model = tl.train(
         adata, label_key, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, seed=seed,
@@ -347,6 +367,12 @@ def annotate(
     over_clustering: OverClusteringOpt = None,
     majority_min_fraction: MinFractionOpt = 0.0,
     celltypist_columns: CelltypistOpt = False,
+    adapt_batchnorm: Annotated[bool, typer.Option(
+        "--adapt-batchnorm", help="Test-time adaptation (AdaBN): a first pass over the whole "
+        "query replaces the network's batch-norm statistics with the query's own before "
+        "predicting (the model directory is not changed). For a query from another batch, "
+        "protocol or condition. Not with --chunk: adapt once with 'scsnn adapt' and "
+        "annotate the chunks with the adapted model.")] = False,
     csv: CsvOpt = None,
     csv_probabilities: CsvProbOpt = False,
     layer: LayerOpt = None,
@@ -373,6 +399,11 @@ def annotate(
         raise typer.BadParameter("majority voting and CellTypist columns need the whole "
                                  "query: give them to 'scsnn gather', not to each chunk",
                                  param_hint="--chunk")
+    if part is not None and adapt_batchnorm:
+        raise typer.BadParameter("batch-norm adaptation needs the whole query, not a chunk: "
+                                 "adapt the model once ('scsnn adapt QUERY --model M --out "
+                                 "M2') and annotate the chunks with --model M2",
+                                 param_hint="--adapt-batchnorm")
     if csv_probabilities and csv is None:
         raise typer.BadParameter("--csv-probabilities needs --csv PATH",
                                  param_hint="--csv-probabilities")
@@ -387,7 +418,7 @@ def annotate(
                    batch_size=batch_size, device=device.value,
                    majority_voting=majority_voting, over_clustering=over_clustering,
                    majority_min_fraction=majority_min_fraction,
-                   celltypist_columns=celltypist_columns)
+                   celltypist_columns=celltypist_columns, adapt_batchnorm=adapt_batchnorm)
     if whole:  # the over-clustering needs the whole matrix: an in-memory run
         from .io import read_h5ad, write_h5ad_atomic
 
@@ -560,6 +591,45 @@ def gather(
             typer.echo(f"  {lab}: {n}")
     if csv is not None:
         _write_csv(csv, output, key_added, csv_probabilities)
+
+
+@app.command()
+@_guarded
+def adapt(
+    query: Annotated[Path, typer.Argument(help="Query .h5ad whose cells the statistics come "
+                                          "from (all of them).")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write (the "
+                                      "adapted copy; not the --model directory).")],
+    min_gene_overlap: Annotated[float, typer.Option(min=0.0, max=1.0,
+                                help="Refuse queries with fewer of the model's genes.")] = 0.5,
+    batch_size: Annotated[int, typer.Option(min=1, help="Cells per mini-batch.")] = 1024,
+    chunk_size: Annotated[int, typer.Option(
+        min=1, help="Cells read from the file at a time (memory stays bounded by it).")]
+    = 65_536,
+    layer: LayerOpt = None,
+    use_raw: RawOpt = False,
+    gene_symbols: SymbolsOpt = None,
+    device: DeviceOpt = Device.auto,
+) -> None:
+    """Adapt a model's batch-norm statistics to a whole QUERY (AdaBN) and write the adapted
+    copy to --out. Annotating with it equals 'scsnn annotate --adapt-batchnorm' with the
+    original model, also chunk by chunk ('scsnn annotate --chunk I/N --model OUT'), so a
+    scattered annotation adapts once on the whole query."""
+    if out.resolve() == model.resolve():
+        raise typer.BadParameter("write the adapted model to a new directory, not over the "
+                                 "--model it comes from", param_hint="--out")
+    from . import tl
+    from .io import check_writable
+
+    check_writable(out, folder=True)
+    adapted = tl.adapt(query, model, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols,
+                       min_gene_overlap=min_gene_overlap, batch_size=batch_size,
+                       chunk_size=chunk_size, device=device.value)
+    adapted.save(out)
+    n = adapted.settings["adapted_batchnorm"]["n_cells"]
+    typer.echo(f"model {adapted.model_id[:12]} (batch norm adapted to {n} cells of "
+               f"{query.name}) saved to {out}")
 
 
 @app.command()
@@ -757,6 +827,8 @@ def model_info(path: Path) -> dict[str, Any]:
         },
         "calibration": {k: cal.get(k) for k in ("temperature", "ece_before", "ece_after",
                                                 "n_cells") if k in cal},
+        **({"adapted_batchnorm": settings["adapted_batchnorm"]}
+           if isinstance(settings.get("adapted_batchnorm"), dict) else {}),
     }
 
 
@@ -801,6 +873,11 @@ def _format_info(info: dict[str, Any]) -> str:
         lines.append(f"  calibration    ECE {_fmt(cal.get('ece_before'))} -> "
                      f"{_fmt(cal.get('ece_after'))} (temperature "
                      f"{_fmt(cal.get('temperature'))}, {_fmt(cal.get('n_cells'), 'd')} cells)")
+    ada = info.get("adapted_batchnorm")
+    if ada:
+        lines.append(f"  batch norm     adapted to {_fmt(ada.get('n_cells'), 'd')} cells of "
+                     f"{ada.get('query') or 'a query'} (from model "
+                     f"{str(ada.get('from_model') or '?')[:12]})")
     classes = info["classes"]
     with_counts = any(c["n_cells"] is not None for c in classes)
     lines.append(f"  classes        {len(classes)}"

@@ -26,13 +26,13 @@ from .models import (
     NetworkConfig,
     Predictions,
     SpikeCounter,
-    adapt_batchnorm as _adapt_batchnorm,
     build_network,
     is_analog,
     resolve_device,
     softmax,
     torch_threads_kept,
 )
+from .models import adapt_batchnorm as _adapt_batchnorm
 from .pp import PreprocessConfig, ScaledCells, fit_gene_space
 from .training import BiLevelTrainer, TrainConfig
 
@@ -153,6 +153,7 @@ def train(
         raise InputError(f"unknown neuron '{ncfg.neuron}' (choose from {', '.join(NETWORKS)})")
     if ncfg.encoder not in ENCODERS:
         raise InputError(f"unknown encoder '{ncfg.encoder}' (choose from {', '.join(ENCODERS)})")
+    _check_robustness(pcfg, tcfg)
     labels = get_labels(adata, label_key)
     keep = labels.notna().to_numpy()
     if not keep.all():
@@ -213,6 +214,11 @@ def train(
     # every cell's total count, for the thinning augmentation (raw counts only)
     library = (np.asarray(expr.X.sum(axis=1), dtype=np.float64).ravel()
                if expr.kind == "counts" and tcfg.augment_depth < 1.0 else None)
+    if tcfg.augment_depth < 1.0 and (expr.kind != "counts" or stream_from is not None):
+        logger.warning("augment_depth needs the reference's raw counts in memory (%s): "
+                       "training without depth thinning",
+                       "streamed from disk" if expr.kind == "counts" else
+                       "the reference holds log-normalised values")
     source = None
     if stream_from is not None:
         library = None
@@ -259,6 +265,17 @@ def train(
         metrics["n_select"],
     )
     return model
+
+
+def _check_robustness(pcfg: PreprocessConfig, tcfg: TrainConfig) -> None:
+    """Refuse out-of-range augmentation, logit-adjustment and pair-marker settings."""
+    if not 0.0 < float(tcfg.augment_depth) <= 1.0:
+        raise InputError(f"augment_depth must be in (0, 1] (1: off), got {tcfg.augment_depth}")
+    for name in ("augment_gene_noise", "logit_adjust"):
+        if not float(getattr(tcfg, name)) >= 0.0:
+            raise InputError(f"{name} must be >= 0 (0: off), got {getattr(tcfg, name)}")
+    if int(pcfg.n_pair_markers) < 0:
+        raise InputError(f"n_pair_markers must be >= 0 (0: none), got {pcfg.n_pair_markers}")
 
 
 #: Reference cells the spike encoders' per-gene levels are fitted on (a random sample).
