@@ -19,9 +19,10 @@ Tables:
 
 ``--variant NAME:key=value,...`` (repeatable) runs HIFI with other settings (flat names of
 :func:`scsnn.tl.configs`) beside the stored rows, on ``--tasks`` (default: all); alone, it
-runs no table. ``adapt_batchnorm=1`` annotates each query with test-time adaptation of
-batch norm (:func:`scsnn.tl.annotate`); ``adapt_batchnorm=both`` scores every trained network
-without and with it, the adapted rows named ``NAME+adabn``. The report adds a ``variants``
+runs no table. ``adapt_batchnorm=1`` (or ``reweighted``) annotates each query with test-time
+adaptation of batch norm (:func:`scsnn.tl.annotate`); ``adapt_batchnorm=both`` scores every
+trained network without and with it, the adapted rows named ``NAME+adabn``, and ``all`` also
+with the re-weighted adaptation (``NAME+adabn-rw``). The report adds a ``variants``
 table: each variant beside HIFI's default and the baselines, with rare-class recall.
 
 Every (task, method, encoder, seed) is one job; jobs run in ``--jobs`` processes with one
@@ -162,7 +163,7 @@ def run_job(data_dir: str, folds: int, task: str, method: str, encoder: str | No
     res = bm.run(list(make()), label, methods=[method], seeds=[seed], train_kwargs=kw)
     wall = time.perf_counter() - t0
     recs = []
-    for suffix in ("", "+adabn"):
+    for suffix in ("", "+adabn", "+adabn-rw"):
         rows = [dict(r, method=name + suffix) for r in res["rows"]
                 if r["method"] == method + suffix]
         if rows:
@@ -195,8 +196,10 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
         tl.configs(**flat)  # an unknown name or a bad value fails here, before any job runs
     except Exception as exc:
         raise SystemExit(f"--variant {text!r}: {exc}") from None
-    if settings.get("adapt_batchnorm") not in (None, 0, 1, True, False, "both"):
-        raise SystemExit(f"--variant {text!r}: adapt_batchnorm is 0, 1 or both")
+    if settings.get("adapt_batchnorm") not in (None, 0, 1, True, False, "reweighted", "both",
+                                               "all"):
+        raise SystemExit(f"--variant {text!r}: adapt_batchnorm is 0, 1, reweighted, both or "
+                         "all")
     return name, settings
 
 
@@ -237,8 +240,9 @@ def run_variants(args: argparse.Namespace) -> None:
         for task in names:
             for seed in seeds:
                 keys = [_key(task, name, args.encoder, seed)]
-                if settings.get("adapt_batchnorm") == "both":
-                    keys.append(_key(task, name + "+adabn", args.encoder, seed))
+                extra = {"both": ["+adabn"], "all": ["+adabn", "+adabn-rw"]}.get(
+                    settings.get("adapt_batchnorm"), [])
+                keys += [_key(task, name + x, args.encoder, seed) for x in extra]
                 if not all(k in done for k in keys):
                     jobs.append((task, "hifi", args.encoder, seed, name, settings))
     print(f"variants: {len(jobs)} jobs to run", flush=True)
@@ -247,12 +251,16 @@ def run_variants(args: argparse.Namespace) -> None:
 
 def _run_jobs(jobs: list[tuple], args: argparse.Namespace) -> None:
     rows_file = args.out / "rows.jsonl"
+    done = _done(rows_file)
     settings = {"timesteps": args.timesteps, "epochs": args.epochs}
     with ProcessPoolExecutor(max_workers=args.jobs, initializer=_init_worker) as pool:
         futures = [pool.submit(run_job, str(args.data_dir), args.folds, t, m, e, s, settings,
                                name, variant) for t, m, e, s, name, variant in jobs]
         for fut in as_completed(futures):
             for rec in fut.result():
+                if rec["key"] in done:  # a stored row that this job measured again
+                    continue
+                done.add(rec["key"])
                 with rows_file.open("a") as f:
                     f.write(json.dumps(rec, default=str) + "\n")
                 f1 = [r.get("macro_f1") for r in rec["rows"] if r.get("macro_f1") is not None]

@@ -13,7 +13,8 @@ NAME:key=value,...`` adds scsnn runs with other settings (flat names of
 method, seed) run in parallel processes with one thread each, and finished jobs are kept in
 ``OUT/rows.jsonl`` (a rerun resumes). A variant's ``adapt_batchnorm=1`` annotates the query
 with test-time adaptation of batch norm; ``adapt_batchnorm=both`` scores the same networks
-without and with it (rows ``NAME`` and ``NAME+adabn``). The report (``shift.md``, ``shift.json``): macro-F1 and
+without and with it (rows ``NAME`` and ``NAME+adabn``), ``all`` also with the re-weighted
+adaptation (``NAME+adabn-rw``). The report (``shift.md``, ``shift.json``): macro-F1 and
 the mean recall of the rare subtypes, mean ± sd over training seeds, per method and shift.
 """
 
@@ -66,7 +67,7 @@ def run_job(data: str, shift: float, name: str, method: str, settings: dict[str,
                  seeds=[seed], train_kwargs=kw)
     rows = res["rows"]
     for r in rows:
-        r["method"] = name + ("+adabn" if r["method"].endswith("+adabn") else "")
+        r["method"] = name + r["method"][len(method):]  # keeps "+adabn", "+adabn-rw"
         if "truth" in r:
             import numpy as np
 
@@ -189,8 +190,9 @@ def main() -> None:
                     if method in BASELINES and method != "celltypist" and seed != 0:
                         continue  # deterministic: one run
                     keys = [f"{s:g}|{name}|{seed}"]
-                    if settings.get("adapt_batchnorm") == "both":
-                        keys.append(f"{s:g}|{name}+adabn|{seed}")
+                    extra = {"both": ["+adabn"], "all": ["+adabn", "+adabn-rw"]}.get(
+                        settings.get("adapt_batchnorm"), [])
+                    keys += [f"{s:g}|{name}{x}|{seed}" for x in extra]
                     if not all(k in done for k in keys):
                         jobs.append((str(d), s, name, method, settings, seed))
         print(f"{len(jobs)} jobs to run", flush=True)
@@ -198,6 +200,9 @@ def main() -> None:
             futs = [pool.submit(run_job, *j, args.timesteps, args.epochs) for j in jobs]
             for fut in as_completed(futs):
                 for rec in fut.result():
+                    if rec["key"] in done:  # a stored row that this job measured again
+                        continue
+                    done.add(rec["key"])
                     with rows_file.open("a") as f:
                         f.write(json.dumps(rec, default=str) + "\n")
                     r = rec["rows"][0]

@@ -156,8 +156,13 @@ def _logreg(model: Any, ref: ad.AnnData, query: ad.AnnData, label_key: str,
     return pred, t1 - t0, time.perf_counter() - t1
 
 
+#: the method-name suffix of rows scored with each extra adaptation mode (see :func:`run`)
+ADAPT_SUFFIX = {True: "+adabn", "reweighted": "+adabn-rw"}
+
+
 def _score_scsnn(model: Any, split: Split, label_key: str, truth: np.ndarray,
-                 t_train: float, adapt_batchnorm: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+                 t_train: float, adapt_batchnorm: bool | str = False
+                 ) -> tuple[np.ndarray, dict[str, Any]]:
     t1 = time.perf_counter()
     q = tl.annotate(split.query, model, copy=True, min_gene_overlap=0.0,
                     adapt_batchnorm=adapt_batchnorm)
@@ -194,10 +199,11 @@ def run(
     """Run every method with every training seed on every split.
 
     ``train_kwargs`` are flat training settings (:func:`scsnn.tl.configs`), plus ``device``,
-    ``progress`` and ``adapt_batchnorm``: True annotates the scsnn networks' queries with
-    test-time adaptation of batch norm (:func:`scsnn.tl.annotate`); ``"both"`` scores every
-    scsnn network twice, without and with it (the adapted rows' method is
-    ``"<method>+adabn"``; training is shared).
+    ``progress`` and ``adapt_batchnorm``: True (or ``"reweighted"``) annotates the scsnn
+    networks' queries with test-time adaptation of batch norm (:func:`scsnn.tl.annotate`);
+    ``"both"`` scores every scsnn network without and with it, ``"all"`` also with the
+    re-weighted one (the adapted rows' methods are ``"<method>+adabn"`` and
+    ``"<method>+adabn-rw"``; training is shared).
 
     Returns ``{"rows": [...], "summary": [...], "celltypist": ...}``: one row per (split,
     method, seed), and per method the mean and standard deviation over seeds of each seed's
@@ -212,7 +218,8 @@ def run(
     kw = dict(train_kwargs or {})
     kw.setdefault("progress", False)
     adapt = kw.pop("adapt_batchnorm", False)
-    adapt = "both" if adapt == "both" else bool(adapt)
+    extra_modes = {"both": [True], "all": [True, "reweighted"]}.get(adapt, [])
+    adapt = False if extra_modes else ("reweighted" if adapt == "reweighted" else bool(adapt))
     ct_problem = celltypist_status() if "celltypist" in methods else None
     rows: list[dict[str, Any]] = []
     order = [m for m in methods if m in SCSNN_METHODS] + [m for m in methods if m in OTHER_METHODS]
@@ -230,13 +237,13 @@ def run(
                     model = train_method(split, label_key, s, kw | SCSNN_METHODS[method])
                     t_train = time.perf_counter() - t0
                     pred, extra = _score_scsnn(model, split, label_key, truth, t_train,
-                                               adapt is True)
+                                               adapt)
                     anchor = anchor or model
                     row.update(extra)
-                    if adapt == "both":
-                        pa, ea = _score_scsnn(model, split, label_key, truth, t_train, True)
+                    for mode in extra_modes:
+                        pa, ea = _score_scsnn(model, split, label_key, truth, t_train, mode)
                         rep = classification_report(truth, pa, rare_threshold=rare_threshold)
-                        rows.append(dict(row, **ea, method=f"{method}+adabn",
+                        rows.append(dict(row, **ea, method=method + ADAPT_SUFFIX[mode],
                                          accuracy=rep["accuracy"], macro_f1=rep["macro_f1"],
                                          balanced_accuracy=rep["balanced_accuracy"],
                                          truth=truth.tolist(), pred=[str(x) for x in pa]))
@@ -267,8 +274,8 @@ def run(
                            balanced_accuracy=rep["balanced_accuracy"],
                            truth=truth.tolist(), pred=[str(x) for x in pred])
                 rows.append(row)
-    named = list(methods) + ([f"{m}+adabn" for m in methods if m in SCSNN_METHODS]
-                             if adapt == "both" else [])
+    named = list(methods) + [m + ADAPT_SUFFIX[mode] for mode in extra_modes
+                             for m in methods if m in SCSNN_METHODS]
     return {"rows": rows, "summary": summarise(rows, named, rare_threshold),
             "celltypist": ct_problem or "ran", "seeds": seeds}
 

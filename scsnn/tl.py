@@ -353,7 +353,7 @@ def annotate(
     over_clustering_resolution: float | None = None,
     majority_min_fraction: float = 0.0,
     celltypist_columns: bool = False,
-    adapt_batchnorm: bool = False,
+    adapt_batchnorm: bool | str = False,
     copy: bool = False,
 ) -> ad.AnnData | None:
     """Predict cell types of a query and write them into the AnnData.
@@ -396,7 +396,10 @@ def annotate(
         replaces the network's batch-norm statistics with the query's own (on a copy of the
         network; the model is left as it was). For a query from another batch, protocol
         or condition than the reference. The statistics are sums over all query cells, so
-        the result does not depend on how the cells are batched or chunked.
+        the result does not depend on how the cells are batched or chunked. ``"reweighted"``:
+        a pass before predicts every cell with the model as it is, and the statistics weigh
+        the cells so that the predicted classes come in the mix the network was trained on
+        (for a query whose cell types come in other proportions than the reference's).
     copy
         Return an annotated copy instead of writing into ``adata``.
 
@@ -451,13 +454,15 @@ def annotate(
         Xq, present = m.gene_space.project(expr)
     n_present = _check_overlap(m, present, min_gene_overlap, expr)
     _check_batch_size(batch_size)
+    adapt_batchnorm = _check_adapt(adapt_batchnorm)
     dev = resolve_device(device)
     seed = int(m.settings.get("seed", 0))
     if adapt_batchnorm:
         absent = "mean" if is_analog(m.network) else "zero"
         network = _adapted_network(
             m, lambda: (m.gene_space.scale(Xq[s : s + batch_size], present, absent=absent)
-                        for s in range(0, Xq.shape[0], batch_size)), dev, seed)
+                        for s in range(0, Xq.shape[0], batch_size)), dev, seed,
+            adapt_batchnorm, m.temperature)
     else:
         network = m.network
     network.to(dev)
@@ -471,7 +476,7 @@ def annotate(
         m, pred, adata.obs_names, key_added=key_added, min_confidence=min_confidence,
         early_exit=early_exit, n_present=n_present, input_kind=expr.kind,
         params={"layer": layer or "", "use_raw": bool(use_raw),
-                "gene_symbols": gene_symbols or "", "adapt_batchnorm": bool(adapt_batchnorm)},
+                "gene_symbols": gene_symbols or "", "adapt_batchnorm": _adapt_param(adapt_batchnorm)},
     )
     computed = majority_voting and clusters is None
     if computed:
@@ -497,25 +502,150 @@ def annotate(
     return adata if copy else None
 
 
+def _adapt_param(mode: Any) -> Any:
+    """How ``uns[key]["params"]["adapt_batchnorm"]`` records the adaptation."""
+    return mode if isinstance(mode, str) else bool(mode)
+
+
 def _check_batch_size(batch_size: int) -> None:
     if int(batch_size) < 1:
         raise InputError(f"batch_size must be positive, got {batch_size}")
 
 
-def _adapted_network(m: ScsnnModel, batches: Any, device: Any, seed: int) -> Any:
+#: ``adapt_batchnorm`` values: off, the query's statistics, or the query's statistics with
+#: its cells re-weighted to the class mix the network was trained on
+ADAPT_MODES = (False, True, "reweighted")
+#: the largest factor by which a predicted class's cells are re-weighted (either way)
+REWEIGHT_CLIP = 10.0
+
+
+def _check_adapt(mode: Any) -> Any:
+    if isinstance(mode, str):
+        if mode == "reweighted":
+            return mode
+    elif mode in (0, 1):
+        return bool(mode)
+    raise InputError(f"adapt_batchnorm must be False, True or 'reweighted', got {mode!r}")
+
+
+def _training_mix(m: ScsnnModel) -> np.ndarray:
+    """The class mix of the network's training batches: class counts tempered by the
+    ``class_balance`` exponent (uniform when the model does not record its counts)."""
+    counts = m.metrics.get("class_counts") if isinstance(m.metrics, dict) else None
+    n = np.array([float((counts or {}).get(c, 0)) for c in m.classes])
+    if not (n > 0).all():
+        return np.full(len(m.classes), 1.0 / len(m.classes))
+    b = float((m.settings.get("train") or {}).get("class_balance", 0.5))
+    t = n ** (1.0 - b)
+    return t / t.sum()
+
+
+def _cell_weights(labels: np.ndarray, mix: np.ndarray) -> np.ndarray:
+    """Per-cell weights (mean 1) that give the predicted classes of the query the training
+    mix (over the classes predicted at all), each class's factor clipped to
+    [1/REWEIGHT_CLIP, REWEIGHT_CLIP]."""
+    q = np.bincount(labels, minlength=len(mix)).astype(np.float64)
+    if not len(labels):
+        return np.zeros(0)
+    q /= q.sum()
+    present = q > 0
+    t = np.where(present, mix, 0.0)
+    t /= t.sum()
+    r = np.ones(len(mix))
+    r[present] = np.clip(t[present] / q[present], 1.0 / REWEIGHT_CLIP, REWEIGHT_CLIP)
+    w = r[labels]
+    return w / w.mean()
+
+
+def _adapted_network(m: ScsnnModel, batches: Any, device: Any, seed: int,
+                     mode: Any = True, temperature: float = 1.0) -> Any:
     """A copy of the model's network with its batch-norm statistics adapted to the cells
     that ``batches()`` yields (every call: all of the query, in order); the model's own
-    network is not touched."""
+    network is not touched. ``mode="reweighted"``: a first pass predicts every cell with the
+    model as it is, and the statistics weigh each cell so that the predicted classes have
+    the mix of the training batches (a query whose cell types come in other proportions
+    than the reference's then shifts the statistics less)."""
     import copy
 
+    from .models import predict_batches
+
+    weights = None
+    if mode == "reweighted":
+        first = predict_batches(m.network.to(device), batches(), device=device, seed=seed,
+                                temperature=temperature)
+        m.network.to("cpu")
+        weights = _cell_weights(first.logits.argmax(1), _training_mix(m))
     net = copy.deepcopy(m.network).to(device)
     try:
-        n = _adapt_batchnorm(net, batches, device=device, seed=seed)
+        if weights is None:
+            n = _adapt_batchnorm(net, batches, device=device, seed=seed)
+        else:
+            n = _adapt_batchnorm_weighted(net, batches, weights, device=device, seed=seed)
     except BaseException:
         net.to("cpu")
         raise
-    logger.info("adapted the statistics of %d batch-norm layer(s) to the query", n)
+    logger.info("adapted the statistics of %d batch-norm layer(s) to the query%s", n,
+                " (cells re-weighted to the training class mix)" if weights is not None else "")
     return net
+
+
+def _adapt_batchnorm_weighted(network: Any, batches: Any, weights: np.ndarray, *,
+                              device: Any, seed: int) -> int:
+    """:func:`scsnn.models.adapt_batchnorm` with a weight per cell (``weights``: one per
+    cell that ``batches()`` yields, in order): weighted sums, so any batching gives the same
+    statistics."""
+    import torch
+    from torch import nn
+
+    from .models import StepBatchNorm, batch_seed
+    from spikingjelly.activation_based import functional
+
+    device = torch.device(device)
+    norms = [mod for mod in network.modules()
+             if isinstance(mod, nn.BatchNorm1d | StepBatchNorm)
+             and mod.track_running_stats is not False]
+    network.eval()
+    gen = torch.Generator()
+    w_all = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+    with torch.no_grad():
+        for norm in norms:
+            acc: dict[str, Any] = {"s": 0.0, "ss": 0.0, "n": 0.0, "w": None}
+
+            def capture(mod, args, acc=acc):
+                y = args[0].detach().double()
+                w = acc["w"].to(y.device)
+                if isinstance(mod, StepBatchNorm):  # [T, N, F]: per step
+                    ww = w.view(1, -1, 1)
+                    acc["s"] = acc["s"] + (y * ww).sum(1)
+                    acc["ss"] = acc["ss"] + (y * y * ww).sum(1)
+                    acc["n"] = acc["n"] + float(w.sum())
+                else:  # [T * N, F] step-major, or [N, F]: pooled over the steps
+                    ww = w.repeat(y.shape[0] // w.shape[0]).view(-1, 1)
+                    acc["s"] = acc["s"] + (y * ww).sum(0)
+                    acc["ss"] = acc["ss"] + (y * y * ww).sum(0)
+                    acc["n"] = acc["n"] + float(ww.sum())
+
+            hook = norm.register_forward_pre_hook(capture)
+            try:
+                start = 0
+                for i, xb in enumerate(batches()):
+                    xb = torch.as_tensor(xb).to(device)
+                    acc["w"] = w_all[start : start + xb.shape[0]]
+                    start += xb.shape[0]
+                    gen.manual_seed(batch_seed(seed, i))
+                    functional.reset_net(network)
+                    network.forward_steps(xb, gen)
+            finally:
+                hook.remove()
+                functional.reset_net(network)
+            n = float(acc["n"])
+            if n < 2:
+                continue
+            mean = acc["s"] / n
+            var = (acc["ss"] / n - mean * mean).clamp_min(0.0) * (n / (n - 1))
+            norm.running_mean.copy_(mean.to(norm.running_mean.dtype))
+            norm.running_var.copy_(var.to(norm.running_var.dtype))
+    return len(norms)
 
 
 def _stale_columns(key_added: str, early_exit: float | None, majority_voting: bool) -> tuple:
@@ -957,7 +1087,7 @@ def annotate_file(
     over_clustering: str | None = None,
     majority_min_fraction: float = 0.0,
     celltypist_columns: bool = False,
-    adapt_batchnorm: bool = False,
+    adapt_batchnorm: bool | str = False,
     progress: bool | None = False,
 ) -> dict[str, Any]:
     """Annotate an ``.h5ad`` file block by block, with memory bounded by ``chunk_size`` cells.
@@ -1014,6 +1144,7 @@ def annotate_file(
         raise InputError("majority voting and CellTypist columns need the whole query, not "
                          "a chunk: give them to gather (scsnn gather --majority-voting "
                          "--over-clustering KEY)")
+    adapt_batchnorm = _check_adapt(adapt_batchnorm)
     if chunk is not None and adapt_batchnorm:
         raise InputError("batch-norm adaptation needs the whole query, not a chunk (each "
                          "chunk would get statistics of its own): adapt the model once on the "
@@ -1045,7 +1176,8 @@ def annotate_file(
         parts: list[Predictions] = []
         counter = SpikeCounter()
         network = (_adapted_network(m, _streamed_batches(m, rows, kind, chunk_size, batch_size,
-                                                         min_gene_overlap), dev, seed)
+                                                         min_gene_overlap), dev, seed,
+                                    adapt_batchnorm, m.temperature)
                    if adapt_batchnorm else m.network)
         network.to(dev)
         from tqdm.auto import tqdm
@@ -1095,7 +1227,7 @@ def annotate_file(
         m, pred, obs_names, key_added=key_added, min_confidence=min_confidence,
         early_exit=early_exit, n_present=n_present, input_kind=kind,
         params={"layer": layer or "", "use_raw": bool(use_raw),
-                "gene_symbols": gene_symbols or "", "adapt_batchnorm": bool(adapt_batchnorm)},
+                "gene_symbols": gene_symbols or "", "adapt_batchnorm": _adapt_param(adapt_batchnorm)},
     )
     if chunk is not None:
         uns["chunk"] = {"index": int(chunk[0]), "n_chunks": int(chunk[1]), "start": int(lo),
@@ -1151,6 +1283,7 @@ def adapt(
     batch_size: int = 1024,
     chunk_size: int = 65_536,
     device: str = "auto",
+    reweighted: bool = False,
 ) -> ScsnnModel:
     """A copy of the model with its batch-norm statistics adapted to a whole query (AdaBN).
 
@@ -1159,7 +1292,8 @@ def adapt(
     adapt_batchnorm=True)`` with the original one, whether the query is annotated whole or
     in chunks (``scsnn annotate --chunk I/N`` with the saved adapted model). The model
     given is not changed; the copy gets a model id of its own and records the adaptation
-    in ``settings["adapted_batchnorm"]``.
+    in ``settings["adapted_batchnorm"]``. ``reweighted``: as ``adapt_batchnorm="reweighted"``
+    of :func:`annotate`.
     """
     import copy
 
@@ -1170,6 +1304,7 @@ def adapt(
     chunk_size = -(-chunk_size // batch_size) * batch_size
     dev = resolve_device(device)
     seed = int(m.settings.get("seed", 0))
+    mode = "reweighted" if reweighted else True
     if isinstance(query, ad.AnnData):
         expr = get_expression(query, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols)
         with torch_threads_kept():
@@ -1178,7 +1313,8 @@ def adapt(
         absent = "mean" if is_analog(m.network) else "zero"
         net = _adapted_network(
             m, lambda: (m.gene_space.scale(Xq[s : s + batch_size], present, absent=absent)
-                        for s in range(0, Xq.shape[0], batch_size)), dev, seed)
+                        for s in range(0, Xq.shape[0], batch_size)), dev, seed, mode,
+            m.temperature)
         n_cells, source = int(query.n_obs), ""
     else:
         from .io import H5adRows
@@ -1186,13 +1322,14 @@ def adapt(
         with H5adRows(query, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols) as rows:
             kind = rows.detect_kind(max_rows=chunk_size)
             net = _adapted_network(m, _streamed_batches(m, rows, kind, chunk_size, batch_size,
-                                                        min_gene_overlap), dev, seed)
+                                                        min_gene_overlap), dev, seed, mode,
+                                   m.temperature)
             n_cells, source = int(rows.n_obs), str(query)
     net.to("cpu").eval()
     settings = copy.deepcopy(m.settings)
     settings["adapted_batchnorm"] = {"from_model": m.model_id, "query": source,
                                      "n_cells": n_cells, "layer": layer or "",
-                                     "use_raw": bool(use_raw)}
+                                     "use_raw": bool(use_raw), "reweighted": bool(reweighted)}
     out = ScsnnModel(m.gene_space, list(m.classes), net, m.config, settings=settings,
                      metrics=copy.deepcopy(m.metrics))
     out.model_id = out.compute_id()

@@ -247,3 +247,61 @@ def test_benchmark_scores_both_from_one_training(synth):
     assert by["hifi"]["pred"] == plain["rows"][0]["pred"]
     assert by["hifi+adabn"]["pred"] == adapted["rows"][0]["pred"]
     assert [s["method"] for s in both["summary"]] == ["hifi", "hifi+adabn"]
+
+
+def test_weighted_adaptation_with_equal_weights_is_plain_adaptation(pbmc_model, shifted):
+    from scsnn import tl
+
+    Xq, present = pbmc_model.gene_space.project(scsnn.io.get_expression(shifted))
+    absent = "mean" if scsnn.models.is_analog(pbmc_model.network) else "zero"
+
+    def batches():
+        return (pbmc_model.gene_space.scale(Xq[s : s + 100], present, absent=absent)
+                for s in range(0, Xq.shape[0], 100))
+
+    import copy
+
+    a, b = copy.deepcopy(pbmc_model.network), copy.deepcopy(pbmc_model.network)
+    scsnn.models.adapt_batchnorm(a, batches, seed=0)
+    tl._adapt_batchnorm_weighted(b, batches, np.ones(Xq.shape[0]), device="cpu", seed=0)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_cell_weights_give_the_training_mix():
+    from scsnn import tl
+
+    labels = np.array([0] * 80 + [1] * 15 + [2] * 5)
+    mix = np.array([0.2, 0.3, 0.5])
+    w = tl._cell_weights(labels, mix)
+    assert w.mean() == pytest.approx(1.0)
+    got = np.bincount(labels, weights=w) / w.sum()
+    # class 2 would need a factor of 10 exactly, class 0 of 0.25: within the clip
+    np.testing.assert_allclose(got, mix, atol=1e-9)
+    # a class the query lacks: the mix over the predicted classes; factors clipped
+    w = tl._cell_weights(np.array([0] * 99 + [1]), mix)
+    # over classes 0 and 1 the mix is 0.4 / 0.6: class 0 gets 0.4 / 0.99, class 1 (0.6 / 0.01)
+    # is clipped at REWEIGHT_CLIP
+    assert w[-1] / w[0] == pytest.approx(tl.REWEIGHT_CLIP / (0.4 / 0.99))
+
+
+def test_reweighted_adaptation_chunked_equals_whole(pbmc_model, shifted, tmp_path):
+    q = tmp_path / "q.h5ad"
+    shifted.write_h5ad(q)
+    plain = scsnn.tl.annotate(shifted, pbmc_model, device="cpu", copy=True, batch_size=64,
+                              adapt_batchnorm=True)
+    whole = scsnn.tl.annotate(shifted, pbmc_model, device="cpu", copy=True, batch_size=64,
+                              adapt_batchnorm="reweighted")
+    ref = whole.obsm["scsnn_probabilities"]
+    assert whole.uns["scsnn"]["params"]["adapt_batchnorm"] == "reweighted"
+    assert np.abs(ref - plain.obsm["scsnn_probabilities"]).max() > 1e-4
+    scsnn.tl.annotate_file(q, pbmc_model, output=tmp_path / "s.h5ad", batch_size=64,
+                           chunk_size=128, device="cpu", adapt_batchnorm="reweighted")
+    s = scsnn.read_h5ad(tmp_path / "s.h5ad")
+    np.testing.assert_allclose(s.obsm["scsnn_probabilities"], ref, atol=1e-5)
+    m2 = scsnn.tl.adapt(q, pbmc_model, batch_size=64, chunk_size=128, device="cpu",
+                        reweighted=True)
+    direct = scsnn.tl.annotate(shifted, m2, device="cpu", copy=True, batch_size=64)
+    np.testing.assert_allclose(direct.obsm["scsnn_probabilities"], ref, atol=1e-5)
+    with pytest.raises(InputError, match="adapt_batchnorm"):
+        scsnn.tl.annotate(shifted, pbmc_model, device="cpu", adapt_batchnorm="sometimes")
