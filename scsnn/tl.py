@@ -595,10 +595,10 @@ def _adapt_batchnorm_weighted(network: Any, batches: Any, weights: np.ndarray, *
     cell that ``batches()`` yields, in order): weighted sums, so any batching gives the same
     statistics."""
     import torch
+    from spikingjelly.activation_based import functional
     from torch import nn
 
     from .models import StepBatchNorm, batch_seed
-    from spikingjelly.activation_based import functional
 
     device = torch.device(device)
     norms = [mod for mod in network.modules()
