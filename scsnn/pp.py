@@ -208,6 +208,34 @@ class GeneSpace:
             Z[:, ~present] = 0.0 if absent == "mean" else self.floor()[~present]
         return Z
 
+    def scale_sparse(self, X: sp.spmatrix, present: np.ndarray | None = None, *,
+                     absent: str = "mean"
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`scale` without densifying: ``(indptr, indices, values, base)``, the
+        standardised, clipped value of every stored entry of the CSR rows and, for each gene,
+        the value of its unstored entries (the floor; 0 or the floor for genes the query
+        lacks, as ``absent`` says). The same arithmetic as :meth:`scale`, so the dense matrix
+        these stand for is equal to ``scale(X, present, absent=absent)``.
+        """
+        if absent not in ("mean", "zero"):
+            raise ValueError(f"absent must be 'mean' or 'zero', got {absent!r}")
+        X = sp.csr_matrix(X)
+        base = self.floor()
+        idx = X.indices.astype(np.int64, copy=False)
+        v = (X.data.astype(np.float32, copy=False) - self.mean[idx]) / self.std[idx]
+        np.clip(v, -self.clip, self.clip, out=v)
+        indptr = X.indptr.astype(np.int64, copy=False)
+        if present is not None and not present.all():
+            if absent == "mean":
+                base[~present] = 0.0
+            keep = present[idx]
+            if not keep.all():  # entries of genes the query lacks take the base value
+                row = np.repeat(np.arange(X.shape[0]), np.diff(indptr))
+                idx, v = idx[keep], v[keep]
+                indptr = np.concatenate([[0], np.cumsum(np.bincount(row[keep],
+                                                                    minlength=X.shape[0]))])
+        return indptr, idx, v.astype(np.float32, copy=False), base
+
     def floor(self) -> np.ndarray:
         """``[genes]``: the standardised value of zero expression of every gene (what
         :meth:`scale` gives an undetected gene)."""
@@ -468,6 +496,16 @@ class ScaledCells:
         if rng is not None and self.augments:
             block = self._augment(block, idx, rng)
         return self.gene_space.scale(block)
+
+    def sparse_rows(self, idx: np.ndarray, rng: np.random.Generator | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The same cells as :meth:`rows` (the same augmentation draws), not densified: the
+        arrays of :meth:`GeneSpace.scale_sparse`."""
+        idx = np.asarray(idx, dtype=np.int64)
+        block = self.X.take_rows(idx) if hasattr(self.X, "take_rows") else self.X[idx]
+        if rng is not None and self.augments:
+            block = self._augment(block, idx, rng)
+        return self.gene_space.scale_sparse(block)
 
     def __len__(self) -> int:
         return int(self.X.shape[0])
