@@ -54,6 +54,17 @@ def log_normalize(expr: Expression, *, target_sum: float = TARGET_SUM) -> sp.csr
     return sp.csr_matrix(tmp.X, dtype=np.float32)
 
 
+def library_sizes(X: sp.csr_matrix) -> np.ndarray:
+    """Every row's total, summed in float64 and returned in ``X``'s dtype, as scanpy's
+    ``normalize_total`` computes it."""
+    X = sp.csr_matrix(X)
+    out = np.zeros(X.shape[0], dtype=np.float64)
+    nonempty = np.diff(X.indptr) > 0
+    if nonempty.any():
+        out[nonempty] = np.add.reduceat(X.data.astype(np.float64), X.indptr[:-1][nonempty])
+    return out.astype(X.dtype if X.dtype.kind == "f" else np.float32)
+
+
 def _column_mean_var(X: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     mean = np.asarray(X.mean(axis=0), dtype=np.float64).ravel()
     sq = np.asarray(X.multiply(X).mean(axis=0), dtype=np.float64).ravel()
@@ -174,21 +185,32 @@ class GeneSpace:
         """Log-normalise ``expr`` and reorder its columns to the model genes.
 
         Returns the CSR matrix (cells x model genes; absent genes are empty columns) and a
-        boolean mask of the model genes that the query holds.
+        boolean mask of the model genes that the query holds. Equal to
+        :func:`log_normalize` followed by the column selection, but only the model genes'
+        entries are normalised and log-transformed (library sizes are still those of the
+        whole profile).
         """
         cols = match_genes(expr.genes, self.genes)
         present = cols >= 0
-        Xlog = log_normalize(expr, target_sum=self.target_sum)
-        # select present columns, then scatter them into model-gene order
-        sub = Xlog[:, cols[present]]
+        X = expr.X if sp.isspmatrix_csr(expr.X) or isinstance(expr.X, sp.csr_array) \
+            else sp.csr_matrix(expr.X)
+        sub = sp.csr_matrix(X[:, cols[present]])
+        if expr.kind != "lognorm":
+            if expr.kind not in ("counts", "scaled"):
+                raise InputError(f"unknown kind of expression values '{expr.kind}' "
+                                 "(counts, scaled or lognorm)")
+            # scanpy's normalize_total then log1p, on the selected entries alone
+            scale = library_sizes(X) / self.target_sum
+            scale = scale + (scale == 0)
+            data = sub.data / np.repeat(scale, np.diff(sub.indptr))
+            np.log1p(data, out=data)
+            sub = sp.csr_matrix((data, sub.indices, sub.indptr), shape=sub.shape)
         sub = sp.csr_matrix(sub, dtype=np.float32)
         if present.all():
             return sub, present
-        remap = np.flatnonzero(present)
-        sub = sub.tocoo()
-        out = sp.csr_matrix(
-            (sub.data, (sub.row, remap[sub.col])), shape=(sub.shape[0], self.n_genes)
-        )
+        remap = np.flatnonzero(present)  # increasing: rows keep their column order
+        out = sp.csr_matrix((sub.data, remap[sub.indices], sub.indptr),
+                            shape=(sub.shape[0], self.n_genes))
         return out, present
 
     def scale(self, X: sp.spmatrix | np.ndarray, present: np.ndarray | None = None, *,
