@@ -9,7 +9,6 @@ space and files on disk lives in :mod:`scsnn.bundle`.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,16 +177,13 @@ class _EventLinear(torch.autograd.Function):
         genes, bags, w = ctx.saved_tensors
         if not ctx.needs_input_grad[3]:
             return None, None, None, None, None
+        # the weight's gradient is itself a sum over bags: gene g's bag holds its entries,
+        # each reading the output gradient of the entry's bag
         order = stable_order(genes, ctx.n_genes)
-        crow = torch.zeros(ctx.n_genes + 1, dtype=torch.int64, device=grad.device)
-        crow[1:] = torch.cumsum(torch.bincount(genes, minlength=ctx.n_genes), 0)
-        vals = torch.ones(genes.numel(), dtype=grad.dtype, device=grad.device) \
-            if w is None else w[order].to(grad.dtype)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notice that sparse CSR is in beta
-            st = torch.sparse_csr_tensor(crow, bags[order], vals, (ctx.n_genes, ctx.n_bags),
-                                         check_invariants=False)
-        g = torch.sparse.mm(st, grad.contiguous())  # [G, H]
+        counts = torch.bincount(genes, minlength=ctx.n_genes)
+        offsets = torch.cumsum(counts, 0) - counts
+        g = F.embedding_bag(bags[order], grad.contiguous(), offsets, mode="sum",
+                            per_sample_weights=None if w is None else w[order].to(grad.dtype))
         return None, None, None, g.t().contiguous(), None
 
 
@@ -216,11 +212,19 @@ class Dropout(nn.Module):
     def mask(self, shape: torch.Size | tuple[int, ...], device: torch.device,
              dtype: torch.dtype) -> torch.Tensor:
         """A keep mask (0, or 1 / keep probability) of ``shape``."""
+        return (self.draw(shape, device) >= self._cut).to(dtype).mul_(self.scale)
+
+    @property
+    def scale(self) -> float:
+        """The value of a kept element in the mask: 1 / keep probability."""
+        return 256.0 / (256 - self._cut)
+
+    def draw(self, shape: torch.Size | tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The uniform random bytes of a mask of ``shape``: kept where ``>= self._cut``."""
         n = int(np.prod(shape))
         # one 64-bit draw gives 8 independent uniform bytes
         r = torch.empty(-(-n // 8), dtype=torch.int64, device=device)
-        r = r.random_(-(2**63), 2**63 - 1).view(torch.uint8)[:n].view(shape)
-        return (r >= self._cut).to(dtype).mul_(256.0 / (256 - self._cut))
+        return r.random_(-(2**63), 2**63 - 1).view(torch.uint8)[:n].view(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self._cut == 0:
@@ -342,17 +346,22 @@ class SpikingClassifier(nn.Module):
             y = self.norms[0](y)
             return y.unsqueeze(0).expand(T, *y.shape), 0.0
         level = self.encoder.entry_levels(x.values, genes)  # 0: silent
-        weights = None
+        scale = 1.0
         if self.training and self.input_dropout._cut:
-            # the draw of the dense path (a mask over all N x G entries), read at the entries
-            weights = self.input_dropout.mask((N, G), x.device, x.dtype)[rows, genes]
+            # the draw of the dense path (random bytes over all N x G entries), read at the
+            # entries: dropped ones are left out, kept ones count 1 / keep probability
+            drop = self.input_dropout
+            keep = drop.draw((N, G), x.device).view(-1)[rows * G + genes] >= drop._cut
+            rows, genes, level = rows[keep], genes[keep], level[keep]
+            scale = drop.scale
         # the bag of an input spike is (step, cell), step T - level: the strongest evidence
         # first; silent entries go to bags past the last step, which are dropped
         step = T - level
         order = stable_order(step, T + 1)  # entries are in cell order within each step
         bag = (step * N + rows)[order]
-        y = event_linear(genes[order], bag, (T + 1) * N, fc.weight,
-                         None if weights is None else weights[order])[: T * N]
+        y = event_linear(genes[order], bag, (T + 1) * N, fc.weight)[: T * N]
+        if scale != 1.0:
+            y = y * scale
         n_in = float((level > 0).sum()) if self.counter is not None else 0.0
         return self._norm(0, y + fc.bias, T, N), n_in
 
