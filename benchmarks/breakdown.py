@@ -47,19 +47,20 @@ def _rest(net, seq, T):
     return out.cumsum(0) / steps
 
 
-def annotate_breakdown(model, query: Path, batch_size: int, chunk: int) -> dict:
+def annotate_breakdown(model, query: Path, batch_size: int, chunk: int, paths) -> dict:
     import numpy as np
     import torch
     from spikingjelly.activation_based import functional
 
-    from scsnn.bundle import sparse_batch
     from scsnn.io import H5adRows, match_genes, write_annotations
     from scsnn.pp import log_normalize
 
     net, gs = model.network.eval(), model.gene_space
     T = net.cfg.timesteps
     out = {}
-    for path in ("dense", "sparse"):
+    for path in paths:
+        if path == "sparse":
+            from scsnn.bundle import sparse_batch
         t = dict.fromkeys(("read", "normalise_project", "scale", "first_layer", "rest"), 0.0)
         n = 0
         with H5adRows(query) as rows, torch.no_grad():
@@ -105,7 +106,7 @@ def annotate_breakdown(model, query: Path, batch_size: int, chunk: int) -> dict:
         out[path] = {"cells": n, "seconds": t}
     # writing: the predictions of all cells into a copy of the file
     with tempfile.TemporaryDirectory() as tmp:
-        n = out["sparse"]["cells"]
+        n = out[paths[0]]["cells"]
         labels = np.asarray(model.classes, dtype=object)[np.zeros(n, dtype=int)]
         obs = {"scsnn": labels, "scsnn_confidence": np.ones(n, np.float32)}
         obsm = {"scsnn_probabilities": np.zeros((n, len(model.classes)), np.float32)}
@@ -119,14 +120,14 @@ def annotate_breakdown(model, query: Path, batch_size: int, chunk: int) -> dict:
 
 
 def train_breakdown(model, reference: Path, label_key: str, n_batches: int,
-                    batch_size: int) -> dict:
+                    batch_size: int, paths) -> dict:
     import numpy as np
     import torch
     import torch.nn.functional as F
     from spikingjelly.activation_based import functional
 
     from scsnn.io import get_expression, read_h5ad
-    from scsnn.models import SparseCells, build_network
+    from scsnn.models import build_network
     from scsnn.pp import ScaledCells
 
     gs = model.gene_space
@@ -135,7 +136,9 @@ def train_breakdown(model, reference: Path, label_key: str, n_batches: int,
     y = torch.from_numpy(adata.obs[label_key].cat.codes.to_numpy().astype(np.int64))
     cells = ScaledCells(X, gs)
     out = {}
-    for path in ("dense", "sparse"):
+    for path in paths:
+        if path == "sparse":
+            from scsnn.models import SparseCells
         net = build_network(model.config, seed=0)
         net.load_state_dict(model.network.state_dict())
         net.train()
@@ -173,23 +176,25 @@ def train_breakdown(model, reference: Path, label_key: str, n_batches: int,
 
 def markdown(res: dict) -> str:
     a, tr = res["annotate"], res["train"]
-    lines = [f"Annotation of {a['sparse']['cells']:,} cells ({res['density']:.1%} non-zero over "
+    paths = list(a)
+    head = "| stage | " + " | ".join(paths) + " |"
+    lines = [f"Annotation of {a[paths[0]]['cells']:,} cells ({res['density']:.1%} non-zero over "
              f"the model's {res['n_genes']:,} genes; {res['threads']} torch thread(s)): "
              "seconds per stage", "",
-             "| stage | dense (before) | event-driven |", "|---|---|---|"]
-    for k in a["dense"]["seconds"]:
-        lines.append(f"| {k.replace('_', ' ')} | {a['dense']['seconds'][k]:.2f} | "
-                     f"{a['sparse']['seconds'][k]:.2f} |")
-    lines.append(f"| **cells/s** | **{a['dense']['cells_per_s']:,.0f}** | "
-                 f"**{a['sparse']['cells_per_s']:,.0f}** |")
-    lines += ["", f"Training, {tr['sparse']['samples']:,} samples in batches of "
-              f"{res['train_batch']}: seconds per stage", "",
-              "| stage | dense (before) | event-driven |", "|---|---|---|"]
-    for k in tr["dense"]["seconds"]:
-        lines.append(f"| {k.replace('_', ' ')} | {tr['dense']['seconds'][k]:.2f} | "
-                     f"{tr['sparse']['seconds'][k]:.2f} |")
-    lines.append(f"| **samples/s** | **{tr['dense']['samples_per_s']:,.0f}** | "
-                 f"**{tr['sparse']['samples_per_s']:,.0f}** |")
+             head, "|---|" + "---|" * len(paths)]
+    for k in a[paths[0]]["seconds"]:
+        lines.append(f"| {k.replace('_', ' ')} | "
+                     + " | ".join(f"{a[p]['seconds'][k]:.2f}" for p in paths) + " |")
+    lines.append("| **cells/s** | " + " | ".join(f"**{a[p]['cells_per_s']:,.0f}**"
+                                                 for p in paths) + " |")
+    lines += ["", f"Training, {tr[paths[0]]['samples']:,} samples in batches of "
+              f"{res['train_batch']}: seconds per stage", "", head,
+              "|---|" + "---|" * len(paths)]
+    for k in tr[paths[0]]["seconds"]:
+        lines.append(f"| {k.replace('_', ' ')} | "
+                     + " | ".join(f"{tr[p]['seconds'][k]:.2f}" for p in paths) + " |")
+    lines.append("| **samples/s** | " + " | ".join(f"**{tr[p]['samples_per_s']:,.0f}**"
+                                                   for p in paths) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -204,6 +209,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1024, help="inference batch")
     ap.add_argument("--train-batch", type=int, default=512)
     ap.add_argument("--train-batches", type=int, default=40)
+    ap.add_argument("--paths", default="dense,sparse",
+                    help="dense (the path before event-driven input; runs on older scsnn "
+                    "too), sparse")
     ap.add_argument("--data-dir", type=Path, default=Path("/tmp/scsnn-breakdown"))
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -215,6 +223,7 @@ def main() -> None:
 
     import scsnn
 
+    paths = a.paths.split(",")
     ref, query = a.reference, a.query
     if ref is None or query is None:
         d = a.data_dir / f"n{a.cells}"
@@ -230,8 +239,9 @@ def main() -> None:
     X, _ = model.gene_space.project(scsnn.io.get_expression(adata))
     res = {"threads": a.threads, "n_genes": model.gene_space.n_genes,
            "density": X.nnz / (X.shape[0] * X.shape[1]), "train_batch": a.train_batch,
-           "annotate": annotate_breakdown(model, query, a.batch_size, 65_536),
-           "train": train_breakdown(model, ref, a.label_key, a.train_batches, a.train_batch)}
+           "annotate": annotate_breakdown(model, query, a.batch_size, 65_536, paths),
+           "train": train_breakdown(model, ref, a.label_key, a.train_batches, a.train_batch,
+                                    paths)}
     md = markdown(res)
     print(md)
     if a.out:
