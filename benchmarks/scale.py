@@ -54,13 +54,17 @@ def _truth_scores(query: str, pred_key: str | None, pred=None) -> dict:
 
     with h5py.File(query, "r") as f:
         obs = read_elem(f["obs"])
-        rare = read_elem(f["uns/synthetic/rare_type"])
+        rare = read_elem(f["uns/synthetic/rare_type"]) if "uns/synthetic/rare_type" in f \
+            else None  # e.g. synthetic_shift's data: several rare types, not one
     truth = obs["cell_type"].astype(str).to_numpy()
     pred = obs[pred_key].astype(str).to_numpy() if pred is None else np.asarray(pred, dtype=str)
     rep = classification_report(truth, pred)
-    rec = next(r["recall"] for r in rep["per_class"] if r["label"] == str(rare))
-    return {"macro_f1": rep["macro_f1"], "accuracy": rep["accuracy"], "rare_type": str(rare),
-            "rare_recall": rec, "rare_cells": int((truth == str(rare)).sum())}
+    out = {"macro_f1": rep["macro_f1"], "accuracy": rep["accuracy"]}
+    if rare is not None:
+        rec = next(r["recall"] for r in rep["per_class"] if r["label"] == str(rare))
+        out.update({"rare_type": str(rare), "rare_recall": rec,
+                    "rare_cells": int((truth == str(rare)).sum())})
+    return out
 
 
 def step_scsnn_train(a: argparse.Namespace) -> dict:
