@@ -47,6 +47,16 @@ def _rest(net, seq, T):
     return out.cumsum(0) / steps
 
 
+def _first_layer(net, xb, path):
+    """The first layer (with its batch norm): encoder + dense linear, or event-driven."""
+    from spikingjelly.activation_based import functional
+
+    functional.reset_net(net)
+    if path == "dense":
+        return net._layer(0, net.encode(xb))
+    return net._sparse_first_layer(xb)[0]
+
+
 def annotate_breakdown(model, query: Path, batch_size: int, chunk: int, paths) -> dict:
     import numpy as np
     import torch
@@ -87,11 +97,7 @@ def annotate_breakdown(model, query: Path, batch_size: int, chunk: int, paths) -
                     else:
                         xb = sparse_batch(gs, X[s : s + batch_size], present, absent="zero")
                     c1 = _clock()
-                    functional.reset_net(net)
-                    if path == "dense":
-                        seq = net._layer(0, net.encode(xb))
-                    else:
-                        seq, _ = net._sparse_first_layer(xb)
+                    seq = _first_layer(net, xb, path)
                     c2 = _clock()
                     y = _rest(net, seq, T)
                     c3 = _clock()
@@ -124,7 +130,6 @@ def train_breakdown(model, reference: Path, label_key: str, n_batches: int,
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from spikingjelly.activation_based import functional
 
     from scsnn.io import get_expression, read_h5ad
     from scsnn.models import build_network
@@ -154,11 +159,7 @@ def train_breakdown(model, reference: Path, label_key: str, n_batches: int,
             else:
                 xb = SparseCells.from_numpy(*cells.sparse_rows(idx))
             c1 = _clock()
-            functional.reset_net(net)
-            if path == "dense":
-                seq = net._layer(0, net.encode(xb))
-            else:
-                seq, _ = net._sparse_first_layer(xb)
+            seq = _first_layer(net, xb, path)
             c2 = _clock()
             logits = _rest(net, seq, T)[-1]
             c3 = _clock()

@@ -1,8 +1,8 @@
 """The spiking classifier and its ANN twin: plain torch modules that know nothing of AnnData.
 
 A network takes ``[N, G]`` standardised expression (see :mod:`scsnn.encoding`), dense or as
-:class:`SparseCells`, and returns class logits; :func:`predict_batches` runs it over batches of cells and counts the spikes
-that the energy figures are computed from. The model bundle that ties a network to its gene
+:class:`SparseCells`, and returns class logits; :func:`predict_batches` runs it over batches
+of cells and counts the spikes that the energy figures are computed from. The model bundle that ties a network to its gene
 space and files on disk lives in :mod:`scsnn.bundle`.
 """
 

@@ -43,15 +43,28 @@ def log_normalize(expr: Expression, *, target_sum: float = TARGET_SUM) -> sp.csr
     """
     if expr.kind == "lognorm":
         return expr.X
-    if expr.kind not in ("counts", "scaled"):
-        raise InputError(f"unknown kind of expression values '{expr.kind}' "
+    X = _csr(expr.X)
+    return _normalised(X, X.copy(), expr.kind, target_sum)
+
+
+def _csr(X: Any) -> sp.csr_matrix:
+    return X if sp.isspmatrix_csr(X) or isinstance(X, sp.csr_array) else sp.csr_matrix(X)
+
+
+def _normalised(X: sp.csr_matrix, sub: sp.csr_matrix, kind: str,
+                target_sum: float) -> sp.csr_matrix:
+    """scanpy's ``normalize_total`` then ``log1p`` (the same arithmetic, bit for bit) on the
+    entries of ``sub``, some columns of ``X`` with its rows, with library sizes from all of
+    ``X``; CSR float32."""
+    if kind not in ("counts", "scaled"):
+        raise InputError(f"unknown kind of expression values '{kind}' "
                          "(counts, scaled or lognorm)")
-    tmp = ad.AnnData(X=expr.X.copy())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sc.pp.normalize_total(tmp, target_sum=target_sum)
-        sc.pp.log1p(tmp)
-    return sp.csr_matrix(tmp.X, dtype=np.float32)
+    scale = library_sizes(X) / target_sum
+    scale = scale + (scale == 0)
+    data = sub.data / np.repeat(scale, np.diff(sub.indptr))
+    np.log1p(data, out=data)
+    return sp.csr_matrix((data.astype(np.float32, copy=False), sub.indices, sub.indptr),
+                         shape=sub.shape)
 
 
 def library_sizes(X: sp.csr_matrix) -> np.ndarray:
@@ -192,19 +205,10 @@ class GeneSpace:
         """
         cols = match_genes(expr.genes, self.genes)
         present = cols >= 0
-        X = expr.X if sp.isspmatrix_csr(expr.X) or isinstance(expr.X, sp.csr_array) \
-            else sp.csr_matrix(expr.X)
+        X = _csr(expr.X)
         sub = sp.csr_matrix(X[:, cols[present]])
-        if expr.kind != "lognorm":
-            if expr.kind not in ("counts", "scaled"):
-                raise InputError(f"unknown kind of expression values '{expr.kind}' "
-                                 "(counts, scaled or lognorm)")
-            # scanpy's normalize_total then log1p, on the selected entries alone
-            scale = library_sizes(X) / self.target_sum
-            scale = scale + (scale == 0)
-            data = sub.data / np.repeat(scale, np.diff(sub.indptr))
-            np.log1p(data, out=data)
-            sub = sp.csr_matrix((data, sub.indices, sub.indptr), shape=sub.shape)
+        if expr.kind != "lognorm":  # the selected entries alone are normalised
+            sub = _normalised(X, sub, expr.kind, self.target_sum)
         sub = sp.csr_matrix(sub, dtype=np.float32)
         if present.all():
             return sub, present
@@ -512,22 +516,22 @@ class ScaledCells:
         x.eliminate_zeros()
         return x
 
-    def rows(self, idx: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+    def _block(self, idx: np.ndarray, rng: np.random.Generator | None) -> sp.csr_matrix:
+        """The projected rows ``idx``, augmented for a training batch (``rng``)."""
         idx = np.asarray(idx, dtype=np.int64)
         block = self.X.take_rows(idx) if hasattr(self.X, "take_rows") else self.X[idx]
         if rng is not None and self.augments:
             block = self._augment(block, idx, rng)
-        return self.gene_space.scale(block)
+        return block
+
+    def rows(self, idx: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        return self.gene_space.scale(self._block(idx, rng))
 
     def sparse_rows(self, idx: np.ndarray, rng: np.random.Generator | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The same cells as :meth:`rows` (the same augmentation draws), not densified: the
         arrays of :meth:`GeneSpace.scale_sparse`."""
-        idx = np.asarray(idx, dtype=np.int64)
-        block = self.X.take_rows(idx) if hasattr(self.X, "take_rows") else self.X[idx]
-        if rng is not None and self.augments:
-            block = self._augment(block, idx, rng)
-        return self.gene_space.scale_sparse(block)
+        return self.gene_space.scale_sparse(self._block(idx, rng))
 
     def __len__(self) -> int:
         return int(self.X.shape[0])

@@ -8,6 +8,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scanpy as sc
 import scipy.sparse as sp
 
 import scsnn
@@ -185,7 +186,8 @@ def test_restrict_genes(rare_data):
 @pytest.mark.parametrize("kind", ["counts", "scaled", "lognorm"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_project_equals_log_normalize_then_select(kind, dtype):
-    """project normalises only the model genes' entries: bit-equal to normalising all."""
+    """log_normalize and project (which normalises only the model genes' entries) are
+    bit-equal to scanpy's normalize_total + log1p."""
     from scsnn.io import Expression, match_genes
     from scsnn.pp import GeneSpace, log_normalize
 
@@ -200,8 +202,16 @@ def test_project_equals_log_normalize_then_select(kind, dtype):
     gs = GeneSpace(genes=model, mean=np.zeros(150, np.float32), std=np.ones(150, np.float32))
     expr = Expression(X=X, genes=genes, kind=kind, source="test")
     got, present = gs.project(expr)
+    # scanpy's own normalize_total + log1p over all genes, then the model's columns
+    tmp = ad.AnnData(X=X.copy())
+    if kind != "lognorm":
+        sc.pp.normalize_total(tmp, target_sum=1e4)
+        sc.pp.log1p(tmp)
+    full = sp.csr_matrix(tmp.X, dtype=np.float32).toarray()
     cols = match_genes(genes, model)
     want = np.zeros((300, 150), np.float32)
-    want[:, present] = log_normalize(expr).toarray()[:, cols[present]]
+    want[:, present] = full[:, cols[present]]
     assert not present.all() and got.dtype == np.float32
     np.testing.assert_array_equal(got.toarray(), want)
+    if kind != "lognorm":  # log-normalised input is passed on as it is
+        np.testing.assert_array_equal(log_normalize(expr).toarray(), full)
