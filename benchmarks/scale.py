@@ -5,7 +5,10 @@
     python benchmarks/scale.py --sizes 100000 --timesteps 2,4,8 --skip-celltypist --out ...
 
 For every N: a synthetic reference of N cells and a query of N cells (3,000 genes, 20 types,
-the rarest at 0.2 %; `scsnn dataset synthetic`, written block by block), then, each in its
+the rarest at 0.2 %; `scsnn dataset synthetic`, written block by block) at each --sparsity
+(`realistic`: about 19 % non-zero and 1,500 counts per cell, as 10x data over highly variable
+genes; `dense`: the earlier setting, about 44 % non-zero and 5,000 counts per cell; the
+density measured in the query file is reported), then, each in its
 own process so that peak resident memory belongs to one step (times exclude Python start-up
 and imports, for both tools; reading the input file is included):
 
@@ -51,13 +54,17 @@ def _truth_scores(query: str, pred_key: str | None, pred=None) -> dict:
 
     with h5py.File(query, "r") as f:
         obs = read_elem(f["obs"])
-        rare = read_elem(f["uns/synthetic/rare_type"])
+        rare = read_elem(f["uns/synthetic/rare_type"]) if "uns/synthetic/rare_type" in f \
+            else None  # e.g. synthetic_shift's data: several rare types, not one
     truth = obs["cell_type"].astype(str).to_numpy()
     pred = obs[pred_key].astype(str).to_numpy() if pred is None else np.asarray(pred, dtype=str)
     rep = classification_report(truth, pred)
-    rec = next(r["recall"] for r in rep["per_class"] if r["label"] == str(rare))
-    return {"macro_f1": rep["macro_f1"], "accuracy": rep["accuracy"], "rare_type": str(rare),
-            "rare_recall": rec, "rare_cells": int((truth == str(rare)).sum())}
+    out = {"macro_f1": rep["macro_f1"], "accuracy": rep["accuracy"]}
+    if rare is not None:
+        rec = next(r["recall"] for r in rep["per_class"] if r["label"] == str(rare))
+        out.update({"rare_type": str(rare), "rare_recall": rec,
+                    "rare_cells": int((truth == str(rare)).sum())})
+    return out
 
 
 def step_scsnn_train(a: argparse.Namespace) -> dict:
@@ -80,7 +87,8 @@ def step_scsnn_train(a: argparse.Namespace) -> dict:
     model.save(a.model)
     wall = time.perf_counter() - t
     return {"seconds": wall, "peak_rss_mb": _peak_mb(), "cells": int(ref.n_obs),
-            "epochs": model.metrics.get("epochs_run")}
+            "epochs": model.metrics.get("epochs_run"), "best_epoch": model.metrics.get("best_epoch"),
+            "network_seconds": model.metrics.get("train_seconds")}
 
 
 def step_scsnn_annotate(a: argparse.Namespace) -> dict:
@@ -152,15 +160,34 @@ def run_step(python: str, step: str, **kw) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _density(path: Path) -> dict:
+    """Non-zero fraction and median counts per cell of an h5ad file's X (CSR on disk)."""
+    import h5py
+    import numpy as np
+
+    with h5py.File(path, "r") as f:
+        indptr = f["X/indptr"][:]
+        n_obs, n_vars = (int(v) for v in f["X"].attrs["shape"])
+        head = int(indptr[min(len(indptr) - 1, 20_000)])
+        data = f["X/data"][:head]
+    per_cell = np.add.reduceat(data.astype(np.float64), indptr[:min(n_obs, 20_000)])
+    return {"nonzero": float(indptr[-1]) / (n_obs * n_vars),
+            "median_counts": float(np.median(per_cell))}
+
+
 def _fmt(v, spec=".1f"):
     return "n/a" if v is None else format(v, spec)
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| N cells | T | method | train s | train peak MB | annotate cells/s | "
-             "annotate peak MB | macro-F1 | rare recall |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| data | N cells | T | method | train s | epochs (best) | train peak MB | "
+             "annotate cells/s | annotate peak MB | macro-F1 | rare recall |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        dens = r.get("density") or {}
+        data = (f"{r.get('sparsity', 'dense')}, {dens['nonzero']:.0%} non-zero, "
+                f"{dens['median_counts']:,.0f} counts/cell" if dens else
+                r.get("sparsity", "dense"))
         for m in ("scsnn", "celltypist"):
             tr, an = r.get(f"{m}_train", {}), r.get(f"{m}_annotate", {})
             if not tr and not an:
@@ -172,14 +199,15 @@ def markdown(rows: list[dict]) -> str:
                 name = f"scsnn (--max-cells {r['max_train_cells']})"
             if "error" in tr or "error" in an:
                 why = tr.get("error") or an.get("error")
-                lines.append(f"| {r['n']} | {r['t'] if m == 'scsnn' else ''} | {name} | "
-                             f"not run: {why} | | | | | |")
+                lines.append(f"| {data} | {r['n']} | {r['t'] if m == 'scsnn' else ''} | "
+                             f"{name} | not run: {why} | | | | | | |")
                 continue
             cps = r["n_query"] / an["seconds"] if an else None
             lines.append(
-                f"| {r['n']} | {r['t'] if m == 'scsnn' else ''} | {name} | "
-                f"{_fmt(tr.get('seconds'))} "
-                f"| {_fmt(tr.get('peak_rss_mb'), '.0f')} | {_fmt(cps, '.0f')} | "
+                f"| {data} | {r['n']} | {r['t'] if m == 'scsnn' else ''} | {name} | "
+                f"{_fmt(tr.get('seconds'))} | "
+                + (f"{tr['epochs']} ({tr.get('best_epoch')})" if tr.get("epochs") else "")
+                + f" | {_fmt(tr.get('peak_rss_mb'), '.0f')} | {_fmt(cps, '.0f')} | "
                 f"{_fmt(an.get('peak_rss_mb'), '.0f')} | {_fmt(an.get('macro_f1'), '.3f')} | "
                 f"{_fmt(an.get('rare_recall'), '.3f')} |")
     return "\n".join(lines) + "\n"
@@ -201,6 +229,8 @@ def main() -> None:
                     "(`scsnn train --stream`; gene space fitted on --max-train-cells, "
                     "default 50,000)")
     ap.add_argument("--sizes", default="10000,100000")
+    ap.add_argument("--sparsity", default="realistic",
+                    help="comma-separated: realistic, dense (data under DATA_DIR/<sparsity>)")
     ap.add_argument("--query-cells", type=int, default=None,
                     help="query size (default: N, the reference size)")
     ap.add_argument("--timesteps", default="4", help="comma-separated T values for scsnn")
@@ -215,17 +245,19 @@ def main() -> None:
         return
 
     rows = []
-    for n in (int(x) for x in a.sizes.split(",")):
+    for sparsity, n in ((sp_, int(x)) for sp_ in a.sparsity.split(",")
+                        for x in a.sizes.split(",")):
         nq = a.query_cells or n
-        d = Path(a.data_dir) / f"n{n}_q{nq}"
+        d = Path(a.data_dir) / sparsity / f"n{n}_q{nq}"
         ref, query = d / "reference.h5ad", d / "query.h5ad"
         if not (ref.is_file() and query.is_file()):
             t = time.perf_counter()
             subprocess.run([sys.executable, "-m", "scsnn", "dataset", "synthetic", "--out",
                             str(d), "--n-cells", str(n), "--n-query", str(nq), "--n-genes",
-                            "3000", "--n-types", "20", "--rare-fraction", "0.002"], check=True,
-                           stdout=subprocess.DEVNULL)
+                            "3000", "--n-types", "20", "--rare-fraction", "0.002",
+                            "--sparsity", sparsity], check=True, stdout=subprocess.DEVNULL)
             print(f"[N={n}] data written in {time.perf_counter() - t:.0f} s", flush=True)
+        density = _density(query)
         ct = None
         if not a.skip_celltypist:
             ct_model = str(d / "celltypist.pkl")
@@ -239,7 +271,8 @@ def main() -> None:
         for t_steps in (int(x) for x in a.timesteps.split(",")):
             model = str(d / f"scsnn_T{t_steps}")
             row = {"n": n, "n_query": nq, "t": t_steps, "threads": a.threads,
-                   "max_train_cells": a.max_train_cells}
+                   "max_train_cells": a.max_train_cells, "sparsity": sparsity,
+                   "density": density}
             row["scsnn_train"] = run_step(sys.executable, "scsnn-train", ref=ref, model=model,
                                           t=t_steps, threads=a.threads,
                                           max_train_cells=a.max_train_cells,

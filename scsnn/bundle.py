@@ -4,7 +4,8 @@ and the model directory it is saved to.
 A saved model is a directory with ``weights.safetensors`` (tensors only: loading it cannot
 run code) and ``model.json`` (schema version, classes, gene space, network and training
 settings, training metrics). :func:`predict` runs a network over projected cells through
-their gene space, one dense mini-batch at a time.
+their gene space, one mini-batch at a time: sparse where the network runs event-driven,
+else densified.
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ from torch import nn
 from ._files import file_mode
 from ._version import __version__
 from .errors import ModelError
-from .models import NetworkConfig, Predictions, build_network, is_analog, predict_batches
+from .models import (
+    NetworkConfig,
+    Predictions,
+    SparseCells,
+    build_network,
+    is_analog,
+    predict_batches,
+)
 from .pp import GeneSpace
 
 logger = logging.getLogger("scsnn")
@@ -64,11 +72,25 @@ def predict(
     ``batch_size`` gives the same predictions as the whole matrix.
     """
     absent = "mean" if is_analog(network) else "zero"
-    batches = (gene_space.scale(X[s : s + batch_size], present, absent=absent)
+    batches = (sparse_batch(gene_space, X[s : s + batch_size], present, absent=absent)
+               if reads_sparse(network) else
+               gene_space.scale(X[s : s + batch_size], present, absent=absent)
                for s in range(0, X.shape[0], batch_size))
     return predict_batches(network, batches, device=device, seed=seed,
                            count_spikes=count_spikes, early_exit=early_exit,
                            first_batch=first_batch, temperature=temperature)
+
+
+def reads_sparse(network: nn.Module) -> bool:
+    """Whether the network runs sparse inference batches event-driven (see
+    :meth:`scsnn.models.SpikingClassifier.reads_sparse`)."""
+    return bool(getattr(network, "reads_sparse", lambda training: False)(False))
+
+
+def sparse_batch(gene_space: GeneSpace, X: sp.spmatrix, present: np.ndarray | None = None, *,
+                 absent: str = "mean") -> SparseCells:
+    """Projected CSR rows as a network's sparse input (:meth:`GeneSpace.scale_sparse`)."""
+    return SparseCells.from_numpy(*gene_space.scale_sparse(X, present, absent=absent))
 
 
 def _finite(obj: Any) -> Any:

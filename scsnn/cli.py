@@ -729,6 +729,10 @@ def dataset(
     rare_fraction: Annotated[float, typer.Option(
         min=0.0, max=0.5, help="synthetic: fraction of the rarest type.")] = 0.002,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    sparsity: Annotated[str, typer.Option(
+        help="synthetic: 'realistic' (about 19 % non-zero, 1,500 counts per cell, as 10x data "
+             "over highly variable genes) or 'dense' (about 44 % non-zero, 5,000 counts per "
+             "cell).")] = "realistic",
 ) -> None:
     """Write a labelled dataset that needs no download (obs['cell_type'] holds the labels)."""
     from . import datasets
@@ -737,8 +741,13 @@ def dataset(
     if name == "pbmc68k_reduced":
         paths = datasets.write_pbmc68k_split(out, query_fraction=query_fraction, seed=seed)
     elif name == "synthetic":
+        if sparsity not in ("realistic", "dense"):
+            raise typer.BadParameter(f"'{sparsity}': choose realistic or dense",
+                                     param_hint="--sparsity")
+        counts = datasets.REALISTIC if sparsity == "realistic" else {}
         paths = datasets.write_synthetic(out, n_cells=n_cells, n_query=n_query, n_genes=n_genes,
-                                         n_types=n_types, rare_fraction=rare_fraction, seed=seed)
+                                         n_types=n_types, rare_fraction=rare_fraction, seed=seed,
+                                         **counts)
     else:
         raise InputError(f"unknown dataset '{name}' (pbmc68k_reduced or synthetic)")
     for p in paths:

@@ -65,6 +65,11 @@ class Encoder(nn.Module):
     def forward(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def silent(self, base: torch.Tensor) -> bool:
+        """Whether genes at ``base`` (``[G]``, the value of a sparse batch's unstored entries)
+        send no input spikes, so that only stored entries need encoding."""
+        return True
+
 
 class SpikeEncoder(Encoder):
     """Base class of the spike encoders.
@@ -100,6 +105,16 @@ class SpikeEncoder(Encoder):
     def detected(self, z: torch.Tensor) -> torch.Tensor:
         """Boolean ``[N, G]``: the gene has non-zero expression in the cell."""
         return z > self.floor + _DETECT_EPS
+
+    def silent(self, base: torch.Tensor) -> bool:
+        return not bool(self.detected(base.unsqueeze(0)).any())
+
+    def entry_levels(self, values: torch.Tensor, genes: torch.Tensor) -> torch.Tensor:
+        """:meth:`levels` of single entries: ``values[i]`` of gene ``genes[i]`` (``[nnz]``);
+        the same comparisons as on a dense matrix, so the same levels."""
+        lev = 1 + (values.unsqueeze(0) > self.thresholds[:, genes]).sum(0)
+        detected = values > self.floor[genes] + _DETECT_EPS
+        return torch.where(detected, lev, torch.zeros_like(lev))
 
     def levels(self, z: torch.Tensor) -> torch.Tensor:
         """Integer ``[N, G]``: 0 for undetected genes, else 1 (weakest) .. T (strongest)."""

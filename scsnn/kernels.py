@@ -790,8 +790,9 @@ def resolve_kernel(kernel: str, x: torch.Tensor, surrogate_function: Any) -> str
         return None
     atan = _is_atan(surrogate_function)
     if kernel == "auto":  # the Triton kernel computes in float32: not for float64 input
-        use = atan and x.dtype in _TRITON_DTYPES and fused_available(x)
-        return "triton" if use else None
+        if not atan:
+            return None
+        return "triton" if x.dtype in _TRITON_DTYPES and fused_available(x) else "torch"
     if not atan:
         raise ValueError(
             f"kernel='{kernel}' implements the ATan surrogate only, got {surrogate_function!r}"

@@ -1,8 +1,8 @@
 """The spiking classifier and its ANN twin: plain torch modules that know nothing of AnnData.
 
-A network takes ``[N, G]`` standardised expression (see :mod:`scsnn.encoding`) and returns
-class logits; :func:`predict_batches` runs it over batches of cells and counts the spikes
-that the energy figures are computed from. The model bundle that ties a network to its gene
+A network takes ``[N, G]`` standardised expression (see :mod:`scsnn.encoding`), dense or as
+:class:`SparseCells`, and returns class logits; :func:`predict_batches` runs it over batches
+of cells and counts the spikes that the energy figures are computed from. The model bundle that ties a network to its gene
 space and files on disk lives in :mod:`scsnn.bundle`.
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from spikingjelly.activation_based import functional
 from torch import nn
 
@@ -93,6 +94,106 @@ class NetworkConfig:
         return cls(**known)
 
 
+@dataclass
+class SparseCells:
+    """A batch of N cells as sparse rows of standardised expression.
+
+    Row ``n`` holds ``values[indptr[n]:indptr[n+1]]`` at genes ``indices[...]`` (CSR); every
+    other entry of gene ``g`` is ``base[g]``: the standardised value of zero expression (the
+    gene's floor), or what a gene the query lacks is given. :meth:`to_dense` is the ``[N, G]``
+    matrix it stands for. A :class:`SpikingClassifier` reads it without densifying when it
+    can (:meth:`SpikingClassifier.reads_sparse`): its first layer then does work only for the
+    stored entries.
+    """
+
+    indptr: torch.Tensor  # [N + 1] int64
+    indices: torch.Tensor  # [nnz] int64
+    values: torch.Tensor  # [nnz] float32
+    base: torch.Tensor  # [G] float32
+
+    @classmethod
+    def from_numpy(cls, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
+                   base: np.ndarray) -> SparseCells:
+        return cls(torch.from_numpy(np.asarray(indptr, dtype=np.int64)),
+                   torch.from_numpy(np.asarray(indices, dtype=np.int64)),
+                   torch.from_numpy(np.asarray(values, dtype=np.float32)),
+                   torch.from_numpy(np.asarray(base, dtype=np.float32)))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.indptr.numel()) - 1, int(self.base.numel()))
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def to(self, device: torch.device | str) -> SparseCells:
+        return SparseCells(self.indptr.to(device), self.indices.to(device),
+                           self.values.to(device), self.base.to(device))
+
+    def row_index(self) -> torch.Tensor:
+        """``[nnz]``: the row of every stored entry."""
+        n = self.shape[0]
+        return torch.repeat_interleave(torch.arange(n, device=self.device),
+                                       self.indptr[1:] - self.indptr[:-1])
+
+    def to_dense(self) -> torch.Tensor:
+        out = self.base.unsqueeze(0).repeat(self.shape[0], 1)
+        out[self.row_index(), self.indices] = self.values
+        return out
+
+
+def stable_order(keys: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """The permutation that sorts integer ``keys`` in ``[0, n_keys)``, ties in their order
+    (on the CPU a radix sort of 8- or 16-bit keys)."""
+    if keys.device.type == "cpu" and n_keys <= 65536:
+        small = keys.numpy().astype(np.uint8 if n_keys <= 256 else np.uint16)
+        return torch.from_numpy(np.argsort(small, kind="stable"))
+    return torch.argsort(keys, stable=True)
+
+
+class _EventLinear(torch.autograd.Function):
+    """``y[b] = sum of w[i] * W[:, genes[i]]`` over the entries i of bag b: a linear layer
+    driven by events (input spikes, or non-zero entries), with work in proportion to the
+    number of events both ways (forward: an embedding bag; backward: a sparse matrix product
+    for the weight's gradient)."""
+
+    @staticmethod
+    def forward(ctx, genes, bags, n_bags, weight, w):
+        counts = torch.bincount(bags, minlength=n_bags)
+        offsets = torch.cumsum(counts, 0) - counts
+        y = F.embedding_bag(genes, weight.t().contiguous(), offsets, mode="sum",
+                            per_sample_weights=w)
+        ctx.save_for_backward(genes, bags, w)
+        ctx.n_bags, ctx.n_genes = int(n_bags), int(weight.shape[1])
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        genes, bags, w = ctx.saved_tensors
+        if not ctx.needs_input_grad[3]:
+            return None, None, None, None, None
+        # the weight's gradient is itself a sum over bags: gene g's bag holds its entries,
+        # each reading the output gradient of the entry's bag
+        order = stable_order(genes, ctx.n_genes)
+        counts = torch.bincount(genes, minlength=ctx.n_genes)
+        offsets = torch.cumsum(counts, 0) - counts
+        g = F.embedding_bag(bags[order], grad.contiguous(), offsets, mode="sum",
+                            per_sample_weights=None if w is None else w[order].to(grad.dtype))
+        return None, None, None, g.t().contiguous(), None
+
+
+def event_linear(genes: torch.Tensor, bags: torch.Tensor, n_bags: int, weight: torch.Tensor,
+                 w: torch.Tensor | None = None) -> torch.Tensor:
+    """``[n_bags, H]``: the synaptic input ``weight @ x`` of ``n_bags`` sparse inputs ``x``
+    given as entries (``bags`` ascending, ``genes``, values ``w``; None: 1), bias excluded."""
+    return _EventLinear.apply(genes, bags, n_bags, weight, w)
+
+
 class Dropout(nn.Module):
     """Inverted dropout whose mask comes from 8-bit random numbers.
 
@@ -111,11 +212,19 @@ class Dropout(nn.Module):
     def mask(self, shape: torch.Size | tuple[int, ...], device: torch.device,
              dtype: torch.dtype) -> torch.Tensor:
         """A keep mask (0, or 1 / keep probability) of ``shape``."""
+        return (self.draw(shape, device) >= self._cut).to(dtype).mul_(self.scale)
+
+    @property
+    def scale(self) -> float:
+        """The value of a kept element in the mask: 1 / keep probability."""
+        return 256.0 / (256 - self._cut)
+
+    def draw(self, shape: torch.Size | tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The uniform random bytes of a mask of ``shape``: kept where ``>= self._cut``."""
         n = int(np.prod(shape))
         # one 64-bit draw gives 8 independent uniform bytes
         r = torch.empty(-(-n // 8), dtype=torch.int64, device=device)
-        r = r.random_(-(2**63), 2**63 - 1).view(torch.uint8)[:n].view(shape)
-        return (r >= self._cut).to(dtype).mul_(256.0 / (256 - self._cut))
+        return r.random_(-(2**63), 2**63 - 1).view(torch.uint8)[:n].view(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self._cut == 0:
@@ -200,10 +309,61 @@ class SpikingClassifier(nn.Module):
     def _layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Linear + batch norm over a ``[T, N, F]`` sequence."""
         T, N = x.shape[:2]
-        y = self.fcs[i](x.reshape(T * N, -1))
+        return self._norm(i, self.fcs[i](x.reshape(T * N, -1)), T, N)
+
+    def _norm(self, i: int, y: torch.Tensor, T: int, N: int) -> torch.Tensor:
+        """Batch norm of layer ``i`` over its linear output ``[T * N, F]``; ``[T, N, F]``."""
         if self.cfg.norm_per_step:
             return self.norms[i](y.view(T, N, -1))
         return self.norms[i](y).view(T, N, -1)
+
+    def reads_sparse(self, training: bool | None = None) -> bool:
+        """Whether :class:`SparseCells` input runs event-driven (else it is densified).
+
+        The latency encoder fires once per detected gene, and only stored entries can be
+        detected, so the first layer accumulates the weights of the input spikes alone, in
+        training and inference. Direct (analog) input is affine in the stored entries, so
+        inference folds the zero entries into the bias; training densifies it, since input
+        dropout acts on the zero entries too.
+        """
+        training = self.training if training is None else training
+        if self.cfg.encoder == "latency":
+            return True
+        return self.cfg.encoder == "direct" and not (training and self.input_dropout._cut)
+
+    def _sparse_first_layer(self, x: SparseCells) -> tuple[torch.Tensor, float]:
+        """The first linear layer and its batch norm, ``[T, N, H]``, event-driven; and the
+        number of input spikes."""
+        T = self.cfg.timesteps
+        N, G = x.shape
+        fc = self.fcs[0]
+        rows, genes = x.row_index(), x.indices
+        if self.encoder.constant:  # direct: y = W base + b + sum over entries of W (v - base)
+            w = x.values - x.base[genes]
+            y = event_linear(genes, rows, N, fc.weight, w) + (fc.bias + fc.weight @ x.base)
+            if self.cfg.norm_per_step:
+                return self.norms[0](y.unsqueeze(0).expand(T, *y.shape)), 0.0
+            y = self.norms[0](y)
+            return y.unsqueeze(0).expand(T, *y.shape), 0.0
+        level = self.encoder.entry_levels(x.values, genes)  # 0: silent
+        scale = 1.0
+        if self.training and self.input_dropout._cut:
+            # the draw of the dense path (random bytes over all N x G entries), read at the
+            # entries: dropped ones are left out, kept ones count 1 / keep probability
+            drop = self.input_dropout
+            keep = drop.draw((N, G), x.device).view(-1)[rows * G + genes] >= drop._cut
+            rows, genes, level = rows[keep], genes[keep], level[keep]
+            scale = drop.scale
+        # the bag of an input spike is (step, cell), step T - level: the strongest evidence
+        # first; silent entries go to bags past the last step, which are dropped
+        step = T - level
+        order = stable_order(step, T + 1)  # entries are in cell order within each step
+        bag = (step * N + rows)[order]
+        y = event_linear(genes[order], bag, (T + 1) * N, fc.weight)[: T * N]
+        if scale != 1.0:
+            y = y * scale
+        n_in = float((level > 0).sum()) if self.counter is not None else 0.0
+        return self._norm(0, y + fc.bias, T, N), n_in
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The input spike trains ``[T, N, G]`` of a spike encoder; in training, input dropout
@@ -217,7 +377,12 @@ class SpikingClassifier(nn.Module):
         """Readout after each step t: the mean of the output layer's drive over steps 1..t."""
         T = self.cfg.timesteps
         input_events = 0.0
-        if self.encoder.constant:
+        if isinstance(x, SparseCells) and not (
+                self.reads_sparse() and self.encoder.silent(x.base)):
+            x = x.to_dense()
+        if isinstance(x, SparseCells):
+            seq, input_events = self._sparse_first_layer(x)
+        elif self.encoder.constant:
             # same analog input at every step: compute the first layer once per cell
             x = self.input_dropout(x)
             y = self.fcs[0](x)
@@ -371,6 +536,13 @@ class Predictions:
     counter: SpikeCounter | None = None
 
 
+def _batch(xb: np.ndarray | torch.Tensor | SparseCells,
+           device: torch.device) -> torch.Tensor | SparseCells:
+    if isinstance(xb, SparseCells):
+        return xb.to(device)
+    return torch.as_tensor(xb).to(device)
+
+
 def batch_seed(seed: int, batch: int) -> int:
     """The seed of the spike generator for one inference batch."""
     return int(np.random.SeedSequence([int(seed), int(batch)]).generate_state(1)[0])
@@ -379,7 +551,7 @@ def batch_seed(seed: int, batch: int) -> int:
 @torch.no_grad()
 def predict_batches(
     network: nn.Module,
-    batches: Iterable[np.ndarray | torch.Tensor],
+    batches: Iterable[np.ndarray | torch.Tensor | SparseCells],
     *,
     device: torch.device | str = "cpu",
     seed: int = 0,
@@ -388,7 +560,7 @@ def predict_batches(
     first_batch: int = 0,
     temperature: float = 1.0,
 ) -> Predictions:
-    """Run the network over dense batches of standardised cells ``[n, G]``.
+    """Run the network over batches of standardised cells ``[n, G]`` (dense or sparse).
 
     ``temperature`` divides the logits before the per-step softmax (confidences and the
     early-exit decision); the returned logits are not divided.
@@ -411,7 +583,7 @@ def predict_batches(
     try:
         for i, xb in enumerate(batches):
             gen.manual_seed(batch_seed(seed, first_batch + i))
-            xb = torch.as_tensor(xb).to(device)
+            xb = _batch(xb, device)
             functional.reset_net(network)
             y = network.forward_steps(xb, gen).float()  # [T,N,C]
             p = torch.softmax(y / float(temperature), dim=-1).max(dim=-1)
@@ -447,7 +619,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def adapt_batchnorm(
     network: nn.Module,
-    batches: Callable[[], Iterable[np.ndarray | torch.Tensor]],
+    batches: Callable[[], Iterable[np.ndarray | torch.Tensor | SparseCells]],
     *,
     device: torch.device | str = "cpu",
     seed: int = 0,
@@ -483,7 +655,7 @@ def adapt_batchnorm(
             for i, xb in enumerate(batches()):
                 gen.manual_seed(batch_seed(seed, i))
                 functional.reset_net(network)
-                network.forward_steps(torch.as_tensor(xb).to(device), gen)
+                network.forward_steps(_batch(xb, device), gen)
         finally:
             hook.remove()
             functional.reset_net(network)

@@ -43,15 +43,39 @@ def log_normalize(expr: Expression, *, target_sum: float = TARGET_SUM) -> sp.csr
     """
     if expr.kind == "lognorm":
         return expr.X
-    if expr.kind not in ("counts", "scaled"):
-        raise InputError(f"unknown kind of expression values '{expr.kind}' "
+    X = _csr(expr.X)
+    return _normalised(X, X.copy(), expr.kind, target_sum)
+
+
+def _csr(X: Any) -> sp.csr_matrix:
+    return X if sp.isspmatrix_csr(X) or isinstance(X, sp.csr_array) else sp.csr_matrix(X)
+
+
+def _normalised(X: sp.csr_matrix, sub: sp.csr_matrix, kind: str,
+                target_sum: float) -> sp.csr_matrix:
+    """scanpy's ``normalize_total`` then ``log1p`` (the same arithmetic, bit for bit) on the
+    entries of ``sub``, some columns of ``X`` with its rows, with library sizes from all of
+    ``X``; CSR float32."""
+    if kind not in ("counts", "scaled"):
+        raise InputError(f"unknown kind of expression values '{kind}' "
                          "(counts, scaled or lognorm)")
-    tmp = ad.AnnData(X=expr.X.copy())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sc.pp.normalize_total(tmp, target_sum=target_sum)
-        sc.pp.log1p(tmp)
-    return sp.csr_matrix(tmp.X, dtype=np.float32)
+    scale = library_sizes(X) / target_sum
+    scale = scale + (scale == 0)
+    data = sub.data / np.repeat(scale, np.diff(sub.indptr))
+    np.log1p(data, out=data)
+    return sp.csr_matrix((data.astype(np.float32, copy=False), sub.indices, sub.indptr),
+                         shape=sub.shape)
+
+
+def library_sizes(X: sp.csr_matrix) -> np.ndarray:
+    """Every row's total, summed in float64 and returned in ``X``'s dtype, as scanpy's
+    ``normalize_total`` computes it."""
+    X = sp.csr_matrix(X)
+    out = np.zeros(X.shape[0], dtype=np.float64)
+    nonempty = np.diff(X.indptr) > 0
+    if nonempty.any():
+        out[nonempty] = np.add.reduceat(X.data.astype(np.float64), X.indptr[:-1][nonempty])
+    return out.astype(X.dtype if X.dtype.kind == "f" else np.float32)
 
 
 def _column_mean_var(X: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
@@ -174,21 +198,23 @@ class GeneSpace:
         """Log-normalise ``expr`` and reorder its columns to the model genes.
 
         Returns the CSR matrix (cells x model genes; absent genes are empty columns) and a
-        boolean mask of the model genes that the query holds.
+        boolean mask of the model genes that the query holds. Equal to
+        :func:`log_normalize` followed by the column selection, but only the model genes'
+        entries are normalised and log-transformed (library sizes are still those of the
+        whole profile).
         """
         cols = match_genes(expr.genes, self.genes)
         present = cols >= 0
-        Xlog = log_normalize(expr, target_sum=self.target_sum)
-        # select present columns, then scatter them into model-gene order
-        sub = Xlog[:, cols[present]]
+        X = _csr(expr.X)
+        sub = sp.csr_matrix(X[:, cols[present]])
+        if expr.kind != "lognorm":  # the selected entries alone are normalised
+            sub = _normalised(X, sub, expr.kind, self.target_sum)
         sub = sp.csr_matrix(sub, dtype=np.float32)
         if present.all():
             return sub, present
-        remap = np.flatnonzero(present)
-        sub = sub.tocoo()
-        out = sp.csr_matrix(
-            (sub.data, (sub.row, remap[sub.col])), shape=(sub.shape[0], self.n_genes)
-        )
+        remap = np.flatnonzero(present)  # increasing: rows keep their column order
+        out = sp.csr_matrix((sub.data, remap[sub.indices], sub.indptr),
+                            shape=(sub.shape[0], self.n_genes))
         return out, present
 
     def scale(self, X: sp.spmatrix | np.ndarray, present: np.ndarray | None = None, *,
@@ -207,6 +233,34 @@ class GeneSpace:
         if present is not None and not present.all():
             Z[:, ~present] = 0.0 if absent == "mean" else self.floor()[~present]
         return Z
+
+    def scale_sparse(self, X: sp.spmatrix, present: np.ndarray | None = None, *,
+                     absent: str = "mean"
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`scale` without densifying: ``(indptr, indices, values, base)``, the
+        standardised, clipped value of every stored entry of the CSR rows and, for each gene,
+        the value of its unstored entries (the floor; 0 or the floor for genes the query
+        lacks, as ``absent`` says). The same arithmetic as :meth:`scale`, so the dense matrix
+        these stand for is equal to ``scale(X, present, absent=absent)``.
+        """
+        if absent not in ("mean", "zero"):
+            raise ValueError(f"absent must be 'mean' or 'zero', got {absent!r}")
+        X = sp.csr_matrix(X)
+        base = self.floor()
+        idx = X.indices.astype(np.int64, copy=False)
+        v = (X.data.astype(np.float32, copy=False) - self.mean[idx]) / self.std[idx]
+        np.clip(v, -self.clip, self.clip, out=v)
+        indptr = X.indptr.astype(np.int64, copy=False)
+        if present is not None and not present.all():
+            if absent == "mean":
+                base[~present] = 0.0
+            keep = present[idx]
+            if not keep.all():  # entries of genes the query lacks take the base value
+                row = np.repeat(np.arange(X.shape[0]), np.diff(indptr))
+                idx, v = idx[keep], v[keep]
+                indptr = np.concatenate([[0], np.cumsum(np.bincount(row[keep],
+                                                                    minlength=X.shape[0]))])
+        return indptr, idx, v.astype(np.float32, copy=False), base
 
     def floor(self) -> np.ndarray:
         """``[genes]``: the standardised value of zero expression of every gene (what
@@ -462,12 +516,22 @@ class ScaledCells:
         x.eliminate_zeros()
         return x
 
-    def rows(self, idx: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+    def _block(self, idx: np.ndarray, rng: np.random.Generator | None) -> sp.csr_matrix:
+        """The projected rows ``idx``, augmented for a training batch (``rng``)."""
         idx = np.asarray(idx, dtype=np.int64)
         block = self.X.take_rows(idx) if hasattr(self.X, "take_rows") else self.X[idx]
         if rng is not None and self.augments:
             block = self._augment(block, idx, rng)
-        return self.gene_space.scale(block)
+        return block
+
+    def rows(self, idx: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        return self.gene_space.scale(self._block(idx, rng))
+
+    def sparse_rows(self, idx: np.ndarray, rng: np.random.Generator | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The same cells as :meth:`rows` (the same augmentation draws), not densified: the
+        arrays of :meth:`GeneSpace.scale_sparse`."""
+        return self.gene_space.scale_sparse(self._block(idx, rng))
 
     def __len__(self) -> int:
         return int(self.X.shape[0])

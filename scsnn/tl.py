@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -1186,12 +1187,21 @@ def annotate_file(
         show = progress if progress is not None else sys.stderr.isatty()
         bar = tqdm(total=hi - lo, desc="annotating", unit="cells", unit_scale=True,
                    disable=not show, leave=False)
+        def load(a: int) -> tuple[Any, Any, Any]:
+            block = rows.expression(a, min(hi, a + chunk_size), kind)
+            with torch_threads_kept():
+                return (block, *m.gene_space.project(block))
+
+        # the next block is read and projected in a background thread while the network
+        # runs on this one (two blocks in memory at most)
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scsnn-read")
+        starts = list(range(lo, hi, chunk_size))
+        pending = reader.submit(load, starts[0]) if starts else None
         try:
-            for a in range(lo, hi, chunk_size):
+            for j, a in enumerate(starts):
                 b = min(hi, a + chunk_size)
-                block = rows.expression(a, b, kind)
-                with torch_threads_kept():
-                    Xq, present = m.gene_space.project(block)
+                block, Xq, present = pending.result()
+                pending = reader.submit(load, starts[j + 1]) if j + 1 < len(starts) else None
                 if not parts:
                     n_present = _check_overlap(m, present, min_gene_overlap, block)
                 pred = predict(network, Xq, m.gene_space, present, batch_size=batch_size,
@@ -1202,6 +1212,9 @@ def annotate_file(
                 logger.debug("annotated cells %d-%d of %d", a, b, rows.n_obs)
                 bar.update(b - a)
         finally:
+            if pending is not None:
+                pending.cancel()
+            reader.shutdown(wait=True)
             bar.close()
             network.to("cpu")
         if not parts:  # an empty chunk: nothing to predict, but a valid (empty) result

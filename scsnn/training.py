@@ -48,6 +48,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import distributed
+from .models import SparseCells
 from .neurons import neuron_summary
 
 logger = logging.getLogger("scsnn")
@@ -114,6 +115,11 @@ class TrainConfig:
         (0: off).
     patience, min_epochs
         Early stopping: epochs without a better selection macro-F1, and the fewest epochs.
+    sparse_input
+        Give the network sparse batches where it reads them event-driven (latency encoding,
+        and direct encoding in evaluation): its first layer then works only on the input
+        spikes or the non-zero entries. The draws are those of the dense path, so the model
+        is the same up to float rounding; False: dense batches throughout.
     seed
         Same seed, same data, same model on the CPU.
     progress
@@ -143,6 +149,7 @@ class TrainConfig:
     ema_decay: float = 0.99
     patience: int = 8
     min_epochs: int = 5
+    sparse_input: bool = True
     seed: int = 0
     progress: bool | None = None
 
@@ -339,6 +346,8 @@ class BiLevelTrainer:
         self.device = device
         # rank and number of processes of the data-parallel group ((0, 1): one process)
         self._rank, self._world = 0, 1
+        # whether batches go to the network sparse, in evaluation and in training
+        self._sparse = {False: False, True: False}
 
     def _sampling_weights(self, codes: np.ndarray) -> np.ndarray:
         counts = np.bincount(codes)
@@ -346,7 +355,13 @@ class BiLevelTrainer:
         return w / w.sum()
 
     def _tensor(self, cells: CellRows, rows: np.ndarray,
-                rng: np.random.Generator | None = None) -> torch.Tensor:
+                rng: np.random.Generator | None = None, *,
+                training: bool = False) -> torch.Tensor | SparseCells:
+        """A batch of cells: sparse when the provider can give one and the network reads it
+        event-driven (in training or in evaluation), else dense."""
+        if self._sparse[training] and hasattr(cells, "sparse_rows"):
+            arrays = cells.sparse_rows(rows, rng) if rng is not None else cells.sparse_rows(rows)
+            return SparseCells.from_numpy(*arrays).to(self.device)
         block = cells.rows(rows, rng) if rng is not None else cells.rows(rows)
         return torch.from_numpy(block).to(self.device)
 
@@ -401,6 +416,9 @@ class BiLevelTrainer:
         rng = np.random.default_rng(cfg.seed)
         gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, rank) + 1)
         network.to(self.device)
+        reads = getattr(network, "reads_sparse", None)
+        self._sparse = {t: bool(reads(t)) if reads is not None and cfg.sparse_input else False
+                        for t in (False, True)}
         if world > 1:
             h = hashlib.sha256(cells.digest().encode())
             h.update(np.ascontiguousarray(codes, dtype=np.int64).tobytes())
@@ -594,7 +612,8 @@ class BiLevelTrainer:
             if pos.size // world < 2:  # batch norm needs two cells (on every rank)
                 continue
             mine = distributed.shard(pos, rank, world)
-            xb = self._tensor(cells, rows[mine], getattr(self, "_aug_rng", None))
+            xb = self._tensor(cells, rows[mine], getattr(self, "_aug_rng", None),
+                              training=True)
             yb = torch.from_numpy(y[mine]).to(self.device)
             functional.reset_net(network)
             logits = network(xb, gen)

@@ -417,6 +417,16 @@ def test_subset_and_dataset_commands(tmp_path, synth):
                "--n-query", "100", "--n-genes", "300", "--n-types", "4")
     assert r.exit_code == 0, r.output
     assert ad.read_h5ad(tmp_path / "syn/query.h5ad").shape == (100, 300)
+    density = {}
+    for sparsity in ("realistic", "dense"):
+        r = invoke("dataset", "synthetic", "--out", tmp_path / sparsity, "--n-cells", "300",
+                   "--n-genes", "3000", "--n-types", "4", "--sparsity", sparsity)
+        assert r.exit_code == 0, r.output
+        X = ad.read_h5ad(tmp_path / sparsity / "reference.h5ad").X
+        density[sparsity] = X.nnz / (X.shape[0] * X.shape[1])
+    assert density["realistic"] < 0.3 < density["dense"]
+    r = invoke("dataset", "synthetic", "--out", tmp_path / "s", "--sparsity", "thin")
+    assert r.exit_code == 2 and "realistic or dense" in r.output
     r = invoke("dataset", "mnist", "--out", tmp_path / "x")
     assert_clean_error(r, "unknown dataset")
 

@@ -121,3 +121,15 @@ def test_synthetic_shift_design_and_knobs(tmp_path):
     back = scsnn.read_h5ad(paths[1])
     assert back.obs["cell_type"].tolist() == q.obs["cell_type"].tolist()
     assert (back.X != q.X).nnz == 0
+
+
+def test_synthetic_realistic_counts_are_as_sparse_as_10x_data():
+    from scsnn.datasets import REALISTIC
+
+    a = synthetic(n_cells=1000, n_genes=3000, n_types=10, seed=0, **REALISTIC)
+    density = a.X.nnz / (a.n_obs * a.n_vars)
+    counts = np.median(np.asarray(a.X.sum(1)).ravel())
+    assert 0.12 < density < 0.26  # 10x data over highly variable genes: 10-20 %
+    assert 1100 < counts < 1900
+    dense = synthetic(n_cells=1000, n_genes=3000, n_types=10, seed=0)
+    assert dense.X.nnz / (dense.n_obs * dense.n_vars) > 0.35

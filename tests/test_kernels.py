@@ -199,21 +199,28 @@ def test_torch_fused_reset_net_and_stateful_calls():
 
 
 # -- dispatch ----------------------------------------------------------------------------
-def test_auto_on_cpu_is_exactly_the_plain_loop(monkeypatch):
+def test_auto_on_cpu_is_the_hand_fused_loop(monkeypatch):
+    """auto on the CPU: the hand-fused back end, whose forward is bit-equal to the plain
+    loop's and whose gradients equal autograd's up to float rounding."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x = torch.rand(6, 5, 24) * 2.0
     assert not fused_available(x)
-    assert resolve_kernel("auto", x, surrogate.ATan()) is None
+    assert resolve_kernel("auto", x, surrogate.ATan()) == "torch"
     for autapse, hard_reset, online in COMBOS:
         kw = {"autapse": autapse, "hard_reset": hard_reset, "online": online}
         ref_node, auto_node = _nodes(24, 5, "auto", "cpu", **kw)
         assert auto_node.kernel == "auto"
         xx, v0, s0, w = _case(ref_node, 6, 5, 24, 5, "cpu", 0.0)
         ref, got = _run(ref_node, xx, v0, s0, w), _run(auto_node, xx, v0, s0, w)
-        for name, r in ref.items():  # bit-identical values and gradients
+        for name, r in ref.items():
             g = got[name]
             assert (r is None) == (g is None), name
-            assert r is None or torch.equal(r, g), name
+            if r is None:
+                continue
+            if name in ("spikes", "v", "s"):  # values: bit-identical
+                assert torch.equal(r, g), name
+            else:
+                torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_kernel_names():

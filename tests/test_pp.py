@@ -8,6 +8,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scanpy as sc
 import scipy.sparse as sp
 
 import scsnn
@@ -180,3 +181,37 @@ def test_restrict_genes(rare_data):
     assert set(gs.genes) <= set(allowed)
     with pytest.raises(scsnn.InputError, match="none of the requested genes"):
         fit_gene_space(get_expression(a), codes, classes, restrict_genes=["nope"])
+
+
+@pytest.mark.parametrize("kind", ["counts", "scaled", "lognorm"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_project_equals_log_normalize_then_select(kind, dtype):
+    """log_normalize and project (which normalises only the model genes' entries) are
+    bit-equal to scanpy's normalize_total + log1p."""
+    from scsnn.io import Expression, match_genes
+    from scsnn.pp import GeneSpace, log_normalize
+
+    rng = np.random.default_rng(0)
+    X = sp.random(300, 200, density=0.2, format="csr", random_state=0, dtype=np.float64)
+    X.data = np.rint(X.data * 30) + 1 if kind == "counts" else X.data * 7.3
+    X = sp.csr_matrix(X.astype(dtype))
+    X.data[X.indptr[3] : X.indptr[4]] = 0  # a cell without expression
+    X.eliminate_zeros()
+    genes = np.array([f"g{i}" for i in range(200)])
+    model = [f"g{i}" for i in rng.permutation(230)[:150]]  # some absent from the query
+    gs = GeneSpace(genes=model, mean=np.zeros(150, np.float32), std=np.ones(150, np.float32))
+    expr = Expression(X=X, genes=genes, kind=kind, source="test")
+    got, present = gs.project(expr)
+    # scanpy's own normalize_total + log1p over all genes, then the model's columns
+    tmp = ad.AnnData(X=X.copy())
+    if kind != "lognorm":
+        sc.pp.normalize_total(tmp, target_sum=1e4)
+        sc.pp.log1p(tmp)
+    full = sp.csr_matrix(tmp.X, dtype=np.float32).toarray()
+    cols = match_genes(genes, model)
+    want = np.zeros((300, 150), np.float32)
+    want[:, present] = full[:, cols[present]]
+    assert not present.all() and got.dtype == np.float32
+    np.testing.assert_array_equal(got.toarray(), want)
+    if kind != "lognorm":  # log-normalised input is passed on as it is
+        np.testing.assert_array_equal(log_normalize(expr).toarray(), full)
