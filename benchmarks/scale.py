@@ -71,6 +71,7 @@ def step_scsnn_train(a: argparse.Namespace) -> dict:
     import torch
 
     import scsnn
+    import scsnn.tl  # imports outside the timed part, as for CellTypist
     from scsnn.io import read_h5ad_sample
 
     torch.set_num_threads(a.threads)
@@ -95,6 +96,7 @@ def step_scsnn_annotate(a: argparse.Namespace) -> dict:
     import torch
 
     import scsnn
+    import scsnn.tl  # imports outside the timed part, as for CellTypist
 
     torch.set_num_threads(a.threads)
     out = str(Path(a.work) / f"annotated_T{a.t}.h5ad")

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,14 +72,24 @@ def predict(
     :func:`scsnn.models.predict_batches`; a matrix cut into chunks at multiples of
     ``batch_size`` gives the same predictions as the whole matrix.
     """
-    absent = "mean" if is_analog(network) else "zero"
-    batches = (sparse_batch(gene_space, X[s : s + batch_size], present, absent=absent)
-               if reads_sparse(network) else
-               gene_space.scale(X[s : s + batch_size], present, absent=absent)
-               for s in range(0, X.shape[0], batch_size))
+    batches = network_batches(network, X, gene_space, present, batch_size=batch_size)
     return predict_batches(network, batches, device=device, seed=seed,
                            count_spikes=count_spikes, early_exit=early_exit,
                            first_batch=first_batch, temperature=temperature)
+
+
+def network_batches(network: nn.Module, X: sp.csr_matrix, gene_space: GeneSpace,
+                    present: np.ndarray | None = None, *, batch_size: int = 1024
+                    ) -> Iterator[np.ndarray | SparseCells]:
+    """The inference batches of :func:`predict`: projected cells scaled ``batch_size`` at a
+    time, sparse where the network reads them event-driven, else dense. Genes the query
+    lacks: the reference mean for analog input, zero expression for spike encoders."""
+    absent = "mean" if is_analog(network) else "zero"
+    sparse = reads_sparse(network)
+    for s in range(0, X.shape[0], batch_size):
+        rows = X[s : s + batch_size]
+        yield (sparse_batch(gene_space, rows, present, absent=absent) if sparse
+               else gene_space.scale(rows, present, absent=absent))
 
 
 def reads_sparse(network: nn.Module) -> bool:

@@ -15,11 +15,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    precision_recall_fscore_support,
-)
 
 from .errors import InputError
 
@@ -54,6 +49,9 @@ def classification_report(
     unassigned), so that a strict ``min_confidence`` is seen for what it does: fewer cells
     called, and those called more often right.
     """
+    # scikit-learn loads in seconds: only where a report is made, not on every import
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
     t = np.asarray(pd.Series(truth).astype(str))
     p = np.asarray(pd.Series(pred).astype(str))
     if t.size == 0:
@@ -104,6 +102,8 @@ def _assigned_figures(t: np.ndarray, p: np.ndarray, unassigned: str) -> dict[str
     assigned: dict[str, Any] = {"n_cells": int(kept.sum()), "accuracy": None,
                                 "macro_f1": None, "balanced_accuracy": None}
     if kept.any():
+        from sklearn.metrics import precision_recall_fscore_support
+
         ta, pa = t[kept], p[kept]
         labels = sorted(np.unique(ta).tolist())
         _, rec, f1, _ = precision_recall_fscore_support(ta, pa, labels=labels,
@@ -425,6 +425,8 @@ def latency_report(
 ) -> dict[str, Any]:
     """Macro-F1 and accuracy when deciding after step t = 1..T, and the fewest steps that
     reach ``fraction`` of the final macro-F1; the mean steps per cell under early exit."""
+    from sklearn.metrics import precision_recall_fscore_support
+
     t = np.asarray(pd.Series(truth).astype(str))
     names = np.asarray(classes, dtype=object)
     labels = sorted(np.unique(t).tolist())

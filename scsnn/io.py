@@ -105,7 +105,8 @@ def _disk_full(exc: BaseException) -> str | None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, *, mode_from: Path | None = None) -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike, *, mode_from: Path | None = None,
+                  tmp: Path | None = None) -> Iterator[Path]:
     """A temporary file beside ``path`` to write; renamed over ``path`` when the block ends
     without error, removed otherwise (the previous file stays untouched).
 
@@ -116,10 +117,8 @@ def atomic_output(path: str | os.PathLike, *, mode_from: Path | None = None) -> 
     p = Path(path)
     if p.is_dir():
         raise InputError(f"cannot write {p}: it is a directory")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp.h5ad", dir=p.parent)
-    os.close(fd)
-    tmp = Path(name)
+    if tmp is None:
+        tmp = temporary_beside(p)
     try:
         yield tmp
         mode = file_mode(p if p.exists() or mode_from is None else mode_from)
@@ -133,6 +132,53 @@ def atomic_output(path: str | os.PathLike, *, mode_from: Path | None = None) -> 
             raise InputError(f"cannot write {p}: {reason} (the disk or the file size limit "
                              f"is full); {p.name} {kept}") from None
         raise
+
+
+def temporary_beside(path: Path) -> Path:
+    """A new empty temporary file in ``path``'s folder (made if missing), for an atomic
+    rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.h5ad", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+class BackgroundCopy:
+    """A copy of the file ``src`` into a temporary file beside ``dst``, made in a background
+    thread while other work goes on (the copy runs in the kernel and holds no lock), for
+    :func:`write_annotations` to finish. Used as a context manager: if the block fails
+    before the copy is used, the temporary file is removed."""
+
+    def __init__(self, src: str | os.PathLike, dst: str | os.PathLike) -> None:
+        import shutil
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.src, self.dst = Path(src), Path(dst)
+        if self.dst.is_dir():
+            raise InputError(f"cannot write {self.dst}: it is a directory")
+        self.path = temporary_beside(self.dst)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scsnn-copy")
+        self._done = self._pool.submit(shutil.copyfile, self.src, self.path)
+        self.used = False
+
+    def wait(self) -> Path:
+        """The temporary copy, once complete (an error of the copy is raised here)."""
+        try:
+            self._done.result()
+        finally:
+            self._pool.shutdown(wait=True)
+        return self.path
+
+    def __enter__(self) -> BackgroundCopy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.used:
+            try:
+                self.wait()
+            except Exception:  # noqa: BLE001 - the block's own error is the one to report
+                pass
+            self.path.unlink(missing_ok=True)
 
 
 def check_writable(path: str | os.PathLike, *, folder: bool = False) -> None:
@@ -734,12 +780,14 @@ def write_annotations(
     obsm: dict[str, object],
     uns: dict[str, object],
     drop_obs: tuple[str, ...] = (),
+    copy: BackgroundCopy | None = None,
 ) -> None:
     """Write obs columns, obsm entries and uns entries into a copy of the ``.h5ad`` file
     ``src`` saved as ``dst`` (which may be ``src`` itself), without loading ``X``.
 
     The copy is made in ``dst``'s folder and renamed over ``dst`` when complete, so an error
-    midway leaves both files as they were.
+    midway leaves both files as they were. ``copy``: that copy, already started in the
+    background (:class:`BackgroundCopy` of ``src`` to ``dst``).
     """
     import shutil
 
@@ -748,8 +796,15 @@ def write_annotations(
 
     s = Path(src)
     check_keys(obs=obs.keys(), obsm=obsm.keys(), uns=uns.keys())
-    with atomic_output(dst, mode_from=s) as tmp:
-        shutil.copyfile(s, tmp)
+    if copy is not None and (copy.src != s or copy.dst != Path(dst)):
+        raise ValueError("the background copy is of another file or destination")
+    if copy is not None:
+        copy.used = True
+    with atomic_output(dst, mode_from=s, tmp=None if copy is None else copy.path) as tmp:
+        if copy is None:
+            shutil.copyfile(s, tmp)
+        else:
+            copy.wait()
         with h5py.File(tmp, "r+") as f:
             df = read_elem(f["obs"])
             for col in drop_obs:

@@ -164,10 +164,7 @@ class _EventLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, genes, bags, n_bags, weight, w):
-        counts = torch.bincount(bags, minlength=n_bags)
-        offsets = torch.cumsum(counts, 0) - counts
-        y = F.embedding_bag(genes, weight.t().contiguous(), offsets, mode="sum",
-                            per_sample_weights=w)
+        y = _bag_sums(genes, torch.bincount(bags, minlength=n_bags), weight.t().contiguous(), w)
         ctx.save_for_backward(genes, bags, w)
         ctx.n_bags, ctx.n_genes = int(n_bags), int(weight.shape[1])
         return y
@@ -185,6 +182,14 @@ class _EventLinear(torch.autograd.Function):
         g = F.embedding_bag(bags[order], grad.contiguous(), offsets, mode="sum",
                             per_sample_weights=None if w is None else w[order].to(grad.dtype))
         return None, None, None, g.t().contiguous(), None
+
+
+def _bag_sums(genes: torch.Tensor, counts: torch.Tensor, table: torch.Tensor,
+              w: torch.Tensor | None) -> torch.Tensor:
+    """``[len(counts), H]``: row sums of ``table`` (``[G, H]``) over consecutive runs of
+    ``genes``, run b holding ``counts[b]`` entries (weighted by ``w`` when given)."""
+    offsets = torch.cumsum(counts, 0) - counts
+    return F.embedding_bag(genes, table, offsets, mode="sum", per_sample_weights=w)
 
 
 def event_linear(genes: torch.Tensor, bags: torch.Tensor, n_bags: int, weight: torch.Tensor,
@@ -331,6 +336,17 @@ class SpikingClassifier(nn.Module):
             return True
         return self.cfg.encoder == "direct" and not (training and self.input_dropout._cut)
 
+    def _weight_table(self) -> torch.Tensor:
+        """The first layer's weight as ``[G, H]`` rows for the embedding bag, kept while the
+        weight is unchanged (inference reuses it batch after batch)."""
+        w = self.fcs[0].weight
+        key = (w.data_ptr(), w._version, w.device, w.dtype)
+        cached = getattr(self, "_table_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, w.detach().t().contiguous())
+            self._table_cache = cached
+        return cached[1]
+
     def _sparse_first_layer(self, x: SparseCells) -> tuple[torch.Tensor, float]:
         """The first linear layer and its batch norm, ``[T, N, H]``, event-driven; and the
         number of input spikes."""
@@ -340,7 +356,11 @@ class SpikingClassifier(nn.Module):
         rows, genes = x.row_index(), x.indices
         if self.encoder.constant:  # direct: y = W base + b + sum over entries of W (v - base)
             w = x.values - x.base[genes]
-            y = event_linear(genes, rows, N, fc.weight, w) + (fc.bias + fc.weight @ x.base)
+            if torch.is_grad_enabled():
+                y = event_linear(genes, rows, N, fc.weight, w)
+            else:
+                y = _bag_sums(genes, x.indptr[1:] - x.indptr[:-1], self._weight_table(), w)
+            y = y + (fc.bias + fc.weight @ x.base)
             if self.cfg.norm_per_step:
                 return self.norms[0](y.unsqueeze(0).expand(T, *y.shape)), 0.0
             y = self.norms[0](y)
@@ -358,8 +378,12 @@ class SpikingClassifier(nn.Module):
         # first; silent entries go to bags past the last step, which are dropped
         step = T - level
         order = stable_order(step, T + 1)  # entries are in cell order within each step
-        bag = (step * N + rows)[order]
-        y = event_linear(genes[order], bag, (T + 1) * N, fc.weight)[: T * N]
+        if torch.is_grad_enabled():
+            bag = (step * N + rows)[order]
+            y = event_linear(genes[order], bag, (T + 1) * N, fc.weight)[: T * N]
+        else:  # inference: the same sums, without the bags' gather or the weight's copy
+            counts = torch.bincount(step * N + rows, minlength=(T + 1) * N)
+            y = _bag_sums(genes[order], counts, self._weight_table(), None)[: T * N]
         if scale != 1.0:
             y = y * scale
         n_in = float((level > 0).sum()) if self.counter is not None else 0.0

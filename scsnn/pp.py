@@ -19,7 +19,6 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scanpy as sc
 import scipy.sparse as sp
 
 from .errors import InputError
@@ -338,6 +337,8 @@ def select_genes(
     if candidates.size <= n_hvg:
         hvg = np.arange(candidates.size)
     else:
+        import scanpy as sc  # only where genes are chosen (training), not to annotate
+
         tmp = ad.AnnData(X=Xc)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

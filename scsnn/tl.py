@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -1135,7 +1136,7 @@ def annotate_file(
     ``"majority_voting": {label: count}`` with voting. The slots written are those of
     :func:`annotate`.
     """
-    from .io import H5adRows, chunk_bounds, kind_action, write_annotations
+    from .io import BackgroundCopy, H5adRows, chunk_bounds, kind_action, write_annotations
 
     m = _as_model(model)
     _check_confidence(min_confidence)
@@ -1164,106 +1165,118 @@ def annotate_file(
         raise InputError(f"cannot write {dest}: it is a directory")
     dev = resolve_device(device)
     seed = int(m.settings.get("seed", 0))
-    with H5adRows(path, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols) as rows:
-        clusters = (_given_clusters(over_clustering, rows.obs, rows.n_obs, str(path))
-                    if majority_voting else None)
-        kind = rows.detect_kind(max_rows=chunk_size)
-        if chunk is None:
-            lo, hi = 0, rows.n_obs
-        else:
-            lo, hi = chunk_bounds(rows.n_obs, chunk[1], chunk[0], align=batch_size)
-        present = None
-        n_present = 0
-        parts: list[Predictions] = []
-        counter = SpikeCounter()
-        network = (_adapted_network(m, _streamed_batches(m, rows, kind, chunk_size, batch_size,
-                                                         min_gene_overlap), dev, seed,
-                                    adapt_batchnorm, m.temperature)
-                   if adapt_batchnorm else m.network)
-        network.to(dev)
-        from tqdm.auto import tqdm
+    with contextlib.ExitStack() as stack:
+        with H5adRows(path, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols) as rows:
+            clusters = (_given_clusters(over_clustering, rows.obs, rows.n_obs, str(path))
+                        if majority_voting else None)
+            kind = rows.detect_kind(max_rows=chunk_size)
+            # the output is a copy of the file: made in the background, while the cells
+            # are annotated (not for a chunk, which is written as a file of its own)
+            bg = stack.enter_context(BackgroundCopy(path, dest)) if chunk is None else None
+            if chunk is None:
+                lo, hi = 0, rows.n_obs
+            else:
+                lo, hi = chunk_bounds(rows.n_obs, chunk[1], chunk[0], align=batch_size)
+            present = None
+            n_present = 0
+            parts: list[Predictions] = []
+            counter = SpikeCounter()
+            network = (_adapted_network(m, _streamed_batches(m, rows, kind, chunk_size, batch_size,
+                                                             min_gene_overlap), dev, seed,
+                                        adapt_batchnorm, m.temperature)
+                       if adapt_batchnorm else m.network)
+            network.to(dev)
+            from tqdm.auto import tqdm
 
-        # a bar over the cells: on request, or (progress=None) when stderr is a terminal
-        show = progress if progress is not None else sys.stderr.isatty()
-        bar = tqdm(total=hi - lo, desc="annotating", unit="cells", unit_scale=True,
-                   disable=not show, leave=False)
-        def load(a: int) -> tuple[Any, Any, Any]:
-            block = rows.expression(a, min(hi, a + chunk_size), kind)
-            with torch_threads_kept():
-                return (block, *m.gene_space.project(block))
+            # a bar over the cells: on request, or (progress=None) when stderr is a terminal
+            show = progress if progress is not None else sys.stderr.isatty()
+            bar = tqdm(total=hi - lo, desc="annotating", unit="cells", unit_scale=True,
+                       disable=not show, leave=False)
+            def load(a: int, b: int) -> tuple[Any, Any, Any]:
+                block = rows.expression(a, b, kind)
+                with torch_threads_kept():
+                    Xq, present = m.gene_space.project(block)
+                # the raw block is kept only where the gene overlap is checked
+                return (block if a == lo else None), Xq, present
 
-        # the next block is read and projected in a background thread while the network
-        # runs on this one (two blocks in memory at most)
-        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scsnn-read")
-        starts = list(range(lo, hi, chunk_size))
-        pending = reader.submit(load, starts[0]) if starts else None
-        try:
-            for j, a in enumerate(starts):
-                b = min(hi, a + chunk_size)
-                block, Xq, present = pending.result()
-                pending = reader.submit(load, starts[j + 1]) if j + 1 < len(starts) else None
-                if not parts:
-                    n_present = _check_overlap(m, present, min_gene_overlap, block)
-                pred = predict(network, Xq, m.gene_space, present, batch_size=batch_size,
-                               device=dev, seed=seed, count_spikes=True, early_exit=early_exit,
-                               first_batch=a // batch_size, temperature=m.temperature)
-                counter.merge(pred.counter)
-                parts.append(pred)
-                logger.debug("annotated cells %d-%d of %d", a, b, rows.n_obs)
-                bar.update(b - a)
-        finally:
-            if pending is not None:
-                pending.cancel()
-            reader.shutdown(wait=True)
-            bar.close()
-            network.to("cpu")
-        if not parts:  # an empty chunk: nothing to predict, but a valid (empty) result
-            if present is None:
-                _, present = m.gene_space.project(rows.expression(0, 1, kind))
-            n_present = int(present.sum())
-            T, C = m.config.timesteps, len(m.classes)
-            parts.append(Predictions(np.zeros((0, C), np.float32), np.zeros((0, T), np.int32),
-                                     np.zeros((0, T), np.float32), np.zeros(0, np.int32), None))
-        pred = Predictions(
-            np.concatenate([p.logits for p in parts]),
-            np.concatenate([p.step_labels for p in parts]),
-            np.concatenate([p.step_confidence for p in parts]),
-            np.concatenate([p.decision_step for p in parts]),
-            counter if counter.n_cells else None,
+            # the next block is read and projected in a background thread while the network
+            # runs on this one (two blocks in memory at most); the first block is short, so
+            # that the network starts soon. Blocks start at multiples of the batch size, so
+            # the batches (and predictions) are those of any other cut.
+            reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scsnn-read")
+            first = min(chunk_size, 8 * batch_size)
+            starts = [lo, *range(lo + first, hi, chunk_size)] if hi > lo else []
+            stops = [*starts[1:], hi]
+            pending = reader.submit(load, starts[0], stops[0]) if starts else None
+            try:
+                for j, a in enumerate(starts):
+                    b = stops[j]
+                    block, Xq, present = pending.result()
+                    pending = (reader.submit(load, starts[j + 1], stops[j + 1])
+                               if j + 1 < len(starts) else None)
+                    if not parts:
+                        n_present = _check_overlap(m, present, min_gene_overlap, block)
+                    pred = predict(network, Xq, m.gene_space, present, batch_size=batch_size,
+                                   device=dev, seed=seed, count_spikes=True, early_exit=early_exit,
+                                   first_batch=a // batch_size, temperature=m.temperature)
+                    counter.merge(pred.counter)
+                    parts.append(pred)
+                    logger.debug("annotated cells %d-%d of %d", a, b, rows.n_obs)
+                    bar.update(b - a)
+            finally:
+                if pending is not None:
+                    pending.cancel()
+                reader.shutdown(wait=True)
+                bar.close()
+                network.to("cpu")
+            if not parts:  # an empty chunk: nothing to predict, but a valid (empty) result
+                if present is None:
+                    _, present = m.gene_space.project(rows.expression(0, 1, kind))
+                n_present = int(present.sum())
+                T, C = m.config.timesteps, len(m.classes)
+                parts.append(Predictions(np.zeros((0, C), np.float32), np.zeros((0, T), np.int32),
+                                         np.zeros((0, T), np.float32), np.zeros(0, np.int32), None))
+            pred = Predictions(
+                np.concatenate([p.logits for p in parts]),
+                np.concatenate([p.step_labels for p in parts]),
+                np.concatenate([p.step_confidence for p in parts]),
+                np.concatenate([p.decision_step for p in parts]),
+                counter if counter.n_cells else None,
+            )
+            obs_all = rows.obs
+            n_total = rows.n_obs
+            rows_found = (f"{rows.source} holds {rows.detection.found}: "
+                          f"{kind_action(kind, m.gene_space.target_sum)}" if rows.detection else "")
+        obs_names = obs_all.index[lo:hi]
+        obs, obsm, uns = _slots(
+            m, pred, obs_names, key_added=key_added, min_confidence=min_confidence,
+            early_exit=early_exit, n_present=n_present, input_kind=kind,
+            params={"layer": layer or "", "use_raw": bool(use_raw),
+                    "gene_symbols": gene_symbols or "", "adapt_batchnorm": _adapt_param(adapt_batchnorm)},
         )
-        obs_all = rows.obs
-        n_total = rows.n_obs
-        rows_found = (f"{rows.source} holds {rows.detection.found}: "
-                      f"{kind_action(kind, m.gene_space.target_sum)}" if rows.detection else "")
-    obs_names = obs_all.index[lo:hi]
-    obs, obsm, uns = _slots(
-        m, pred, obs_names, key_added=key_added, min_confidence=min_confidence,
-        early_exit=early_exit, n_present=n_present, input_kind=kind,
-        params={"layer": layer or "", "use_raw": bool(use_raw),
-                "gene_symbols": gene_symbols or "", "adapt_batchnorm": _adapt_param(adapt_batchnorm)},
-    )
-    if chunk is not None:
-        uns["chunk"] = {"index": int(chunk[0]), "n_chunks": int(chunk[1]), "start": int(lo),
-                        "stop": int(hi), "n_obs_total": int(n_total)}
-        part = ad.AnnData(obs=obs_all.iloc[lo:hi].copy())
-        for k, v in obs.items():
-            part.obs[k] = v
-        for k, v in obsm.items():
-            part.obsm[k] = v
-        part.uns[key_added] = uns
-        write_h5ad_atomic(part, dest)
-    else:
-        if majority_voting:
-            obs.update(_voting(obs, obsm, m.classes, clusters, key_added=key_added,
-                               min_fraction=majority_min_fraction, computed=False,
-                               params=uns["params"], name=over_clustering, resolution=0.0))
-        if celltypist_columns:
-            obs.update(_celltypist(obs, key_added, clusters, over_clustering))
-        write_annotations(path, dest, obs=obs, obsm=obsm, uns={key_added: uns},
-                          drop_obs=_stale_columns(key_added, early_exit, majority_voting))
-    _log_annotated(len(obs_names), kind, n_present, m, obs[key_added], min_confidence,
-                   found=rows_found)
-    return _summary(obs, key_added, n_cells=int(len(obs_names)), output=str(dest))
+        if chunk is not None:
+            uns["chunk"] = {"index": int(chunk[0]), "n_chunks": int(chunk[1]), "start": int(lo),
+                            "stop": int(hi), "n_obs_total": int(n_total)}
+            part = ad.AnnData(obs=obs_all.iloc[lo:hi].copy())
+            for k, v in obs.items():
+                part.obs[k] = v
+            for k, v in obsm.items():
+                part.obsm[k] = v
+            part.uns[key_added] = uns
+            write_h5ad_atomic(part, dest)
+        else:
+            if majority_voting:
+                obs.update(_voting(obs, obsm, m.classes, clusters, key_added=key_added,
+                                   min_fraction=majority_min_fraction, computed=False,
+                                   params=uns["params"], name=over_clustering, resolution=0.0))
+            if celltypist_columns:
+                obs.update(_celltypist(obs, key_added, clusters, over_clustering))
+            write_annotations(path, dest, obs=obs, obsm=obsm, uns={key_added: uns},
+                              drop_obs=_stale_columns(key_added, early_exit, majority_voting),
+                              copy=bg)
+        _log_annotated(len(obs_names), kind, n_present, m, obs[key_added], min_confidence,
+                       found=rows_found)
+        return _summary(obs, key_added, n_cells=int(len(obs_names)), output=str(dest))
 
 
 def _streamed_batches(m: ScsnnModel, rows: Any, kind: str, chunk_size: int, batch_size: int,

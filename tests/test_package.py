@@ -23,6 +23,13 @@ def test_torch_only_modules_load_neither_anndata_nor_scanpy(module):
     assert "scsnn.pp" not in loaded and "scsnn.io" not in loaded
 
 
+def test_annotation_loads_neither_scanpy_nor_scikit_learn():
+    # seconds of start-up for every `scsnn annotate`: scanpy picks genes (training) and
+    # scikit-learn scores (evaluate), annotation needs neither
+    loaded = _modules_after("import scsnn.tl, scsnn.bundle, scsnn.io")
+    assert "scanpy" not in loaded and "sklearn" not in loaded
+
+
 def test_package_face_is_lazy_and_complete():
     import scsnn
 

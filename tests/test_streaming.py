@@ -97,6 +97,8 @@ def test_annotate_file_refuses_negative_values_in_a_later_block(pbmc, pbmc_model
         scsnn.tl.annotate_file(p, pbmc_model, output=tmp_path / "o.h5ad", batch_size=64,
                                chunk_size=64, device="cpu")
     assert not (tmp_path / "o.h5ad").exists()
+    # the output's copy, begun in the background before the bad block was read, is removed
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["neg.h5ad"]
 
 
 def test_chunks_gathered_equal_whole_run(query_file, pbmc_model, pbmc_annotated, tmp_path):
