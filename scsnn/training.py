@@ -81,7 +81,12 @@ class TrainConfig:
     batch_size
         Cells per mini-batch (None: 128 under 20,000 training cells, else 512).
     min_samples_per_epoch, max_samples_per_epoch, max_samples
-        Draws per epoch (the training split's size, within these bounds) and in all.
+        Draws per epoch (the training split's size, within these bounds) and in all. The
+        cosine schedule spans ``min(epochs, max_samples // draws per epoch)`` epochs: for
+        references of up to ~5,000 training cells the ``epochs`` bound applies, above that
+        the draws are capped (200,000 draws: six epochs of 32,768 above ~33,000 training
+        cells, each cell drawn about twice at 100,000), so large references train in one
+        short annealed schedule instead of stopping, late, on a long one.
     refit_epochs
         Epochs of the synapses on the training and alpha splits after early stopping, at a
         tenth of the learning rate (0: none).
@@ -130,7 +135,7 @@ class TrainConfig:
     batch_size: int | None = None
     min_samples_per_epoch: int = 4096
     max_samples_per_epoch: int = 32_768
-    max_samples: int = 1_000_000
+    max_samples: int = 200_000
     refit_epochs: int = 2
     lr: float = 2e-3
     weight_decay: float = 1e-4
