@@ -82,7 +82,7 @@ def step_scsnn_train(a: argparse.Namespace) -> dict:
         ref = read_h5ad_sample(a.ref, "cell_type", a.max_train_cells, seed=0)
     else:
         ref = scsnn.read_h5ad(a.ref)
-    model = scsnn.tl.train(ref, "cell_type", seed=0, device="cpu", progress=False,
+    model = scsnn.tl.train(ref, "cell_type", seed=a.seed, device="cpu", progress=False,
                            stream_from=a.ref if a.stream_train else None,
                            **scsnn.tl.configs(timesteps=a.t))
     model.save(a.model)
@@ -225,6 +225,7 @@ def main() -> None:
     ap.add_argument("--work")
     ap.add_argument("--t", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="training seed of a scsnn-train step")
     ap.add_argument("--max-train-cells", type=int, default=None)
     ap.add_argument("--stream-train", type=int, default=0,
                     help="1: draw the training mini-batches from the file on disk "
