@@ -292,6 +292,23 @@ def summaries(records: list[dict[str, Any]], default_encoder: str) -> dict[str, 
     return out
 
 
+def _marked_cells(row: dict[str, Any], cols: list[str]) -> list[str]:
+    """One task's cells for the methods ``cols``: the best macro-F1 in bold, those tied with
+    it (difference under the larger sd) in italics."""
+    cands = [row[v] for v in cols if v in row and "macro_f1" in row[v]]
+    best = max(cands, key=lambda s: s["macro_f1"]) if cands else None
+    cells = []
+    for v in cols:
+        s = row.get(v)
+        c = _cell(s)
+        if s is best:
+            c = f"**{c}**"
+        elif s is not None and best is not None and _compare(s, best) == "tie":
+            c = f"_{c}_"
+        cells.append(c)
+    return cells
+
+
 def _cell(s: dict[str, Any] | None, key: str = "macro_f1", fmt: str = "{:.3f}") -> str:
     if not s or key not in s:
         return "–" if not s or "unavailable" not in s else "n/a"
@@ -331,19 +348,7 @@ def report(args: argparse.Namespace) -> None:
                  "_italic_ = tied with the best (difference under the larger sd).", "",
                  "| task | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
         for t in present:
-            row = summ[t]
-            cands = [row[v] for v in variants if v in row and "macro_f1" in row[v]]
-            best = max(cands, key=lambda s: s["macro_f1"]) if cands else None
-            cells = []
-            for v in variants:
-                s = row.get(v)
-                c = _cell(s)
-                if s is best:
-                    c = f"**{c}**"
-                elif s is not None and best is not None and _compare(s, best) == "tie":
-                    c = f"_{c}_"
-                cells.append(c)
-            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+            lines.append(f"| {t} | " + " | ".join(_marked_cells(summ[t], variants)) + " |")
         # the mean over the tasks where every method of the table that ran everywhere has a
         # result (a method that could not run on some task, e.g. CellTypist refusing the
         # input, is averaged over its own tasks, their number in brackets)
@@ -396,18 +401,7 @@ def _variants_table(summ: dict[str, Any], order: list[str], variants: list[str])
              "| task | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for t in present:
         row = summ[t]
-        cands = [row[v] for v in cols if v in row and "macro_f1" in row[v]]
-        best = max(cands, key=lambda s: s["macro_f1"]) if cands else None
-        cells = []
-        for v in cols:
-            s = row.get(v)
-            c = _cell(s)
-            if s is best:
-                c = f"**{c}**"
-            elif s is not None and best is not None and _compare(s, best) == "tie":
-                c = f"_{c}_"
-            cells.append(c)
-        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        lines.append(f"| {t} | " + " | ".join(_marked_cells(row, cols)) + " |")
         lines.append("| (rare recall) | " + " | ".join(
             _cell(row.get(v), "rare_mean_recall", "{:.2f}") for v in cols) + " |")
     lines += ["", "| variant | vs hifi (win / tie / loss) | mean Δ to hifi | vs best baseline "

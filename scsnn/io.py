@@ -146,8 +146,8 @@ def temporary_beside(path: Path) -> Path:
 class BackgroundCopy:
     """A copy of the file ``src`` into a temporary file beside ``dst``, made in a background
     thread while other work goes on (the copy runs in the kernel and holds no lock), for
-    :func:`write_annotations` to finish. Used as a context manager: if the block fails
-    before the copy is used, the temporary file is removed."""
+    :func:`write_annotations` to finish. Used as a context manager: the temporary file is
+    removed at the end of the block unless it was renamed into place."""
 
     def __init__(self, src: str | os.PathLike, dst: str | os.PathLike) -> None:
         import shutil
@@ -159,7 +159,6 @@ class BackgroundCopy:
         self.path = temporary_beside(self.dst)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scsnn-copy")
         self._done = self._pool.submit(shutil.copyfile, self.src, self.path)
-        self.used = False
 
     def wait(self) -> Path:
         """The temporary copy, once complete (an error of the copy is raised here)."""
@@ -173,12 +172,11 @@ class BackgroundCopy:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if not self.used:
-            try:
-                self.wait()
-            except Exception:  # noqa: BLE001 - the block's own error is the one to report
-                pass
-            self.path.unlink(missing_ok=True)
+        try:
+            self.wait()
+        except Exception:  # noqa: BLE001 - the block's own error is the one to report
+            pass
+        self.path.unlink(missing_ok=True)  # a no-op once renamed over the destination
 
 
 def check_writable(path: str | os.PathLike, *, folder: bool = False) -> None:
@@ -798,8 +796,6 @@ def write_annotations(
     check_keys(obs=obs.keys(), obsm=obsm.keys(), uns=uns.keys())
     if copy is not None and (copy.src != s or copy.dst != Path(dst)):
         raise ValueError("the background copy is of another file or destination")
-    if copy is not None:
-        copy.used = True
     with atomic_output(dst, mode_from=s, tmp=None if copy is None else copy.path) as tmp:
         if copy is None:
             shutil.copyfile(s, tmp)

@@ -647,6 +647,7 @@ def adapt_batchnorm(
     *,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    weights: np.ndarray | None = None,
 ) -> int:
     """Test-time adaptation of the batch-norm statistics (AdaBN, Li et al. 2017) to a query.
 
@@ -655,8 +656,9 @@ def adapt_batchnorm(
     with the earlier layers already adapted), over all cells that ``batches()`` yields (it
     is called once per layer; spike encoders draw as :func:`predict_batches` does). The
     statistics are exact sums over the cells, so any split of the query into batches gives
-    the same result up to float rounding. Learned scales and shifts are kept. Returns the
-    number of layers adapted.
+    the same result up to float rounding. Learned scales and shifts are kept. ``weights``:
+    one per cell that ``batches()`` yields, in order (weighted statistics; None: every cell
+    counts once). Returns the number of layers adapted.
     """
     device = torch.device(device)
     norms = [m for m in network.modules()
@@ -664,22 +666,37 @@ def adapt_batchnorm(
              is not False]
     network.eval()
     gen = torch.Generator()
+    w_all = None if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float64))
     for norm in norms:
-        acc: dict[str, torch.Tensor | float] = {"s": 0.0, "ss": 0.0, "n": 0.0}
+        acc: dict[str, Any] = {"s": 0.0, "ss": 0.0, "n": 0.0, "w": None}
 
         def capture(mod, args, acc=acc):
             y = args[0].detach().double()
-            dims = 1 if isinstance(mod, StepBatchNorm) else 0  # per step, or pooled
-            acc["s"] = acc["s"] + y.sum(dims)
-            acc["ss"] = acc["ss"] + (y * y).sum(dims)
-            acc["n"] = acc["n"] + y.shape[dims]
+            per_step = isinstance(mod, StepBatchNorm)  # [T, N, F]; else pooled over steps
+            dims = 1 if per_step else 0
+            if acc["w"] is None:
+                acc["s"] = acc["s"] + y.sum(dims)
+                acc["ss"] = acc["ss"] + (y * y).sum(dims)
+                acc["n"] = acc["n"] + y.shape[dims]
+                return
+            w = acc["w"].to(y.device)
+            # pooled rows are [T * N] step-major, or [N]: the cells' weights repeated per step
+            ww = w.view(1, -1, 1) if per_step else w.repeat(y.shape[0] // w.shape[0]).view(-1, 1)
+            acc["s"] = acc["s"] + (y * ww).sum(dims)
+            acc["ss"] = acc["ss"] + (y * y * ww).sum(dims)
+            acc["n"] = acc["n"] + float(w.sum() if per_step else ww.sum())
 
         hook = norm.register_forward_pre_hook(capture)
         try:
+            start = 0
             for i, xb in enumerate(batches()):
+                xb = _batch(xb, device)
+                if w_all is not None:
+                    acc["w"] = w_all[start : start + xb.shape[0]]
+                    start += xb.shape[0]
                 gen.manual_seed(batch_seed(seed, i))
                 functional.reset_net(network)
-                network.forward_steps(_batch(xb, device), gen)
+                network.forward_steps(xb, gen)
         finally:
             hook.remove()
             functional.reset_net(network)

@@ -579,75 +579,13 @@ def _adapted_network(m: ScsnnModel, batches: Any, device: Any, seed: int,
         weights = _cell_weights(first.logits.argmax(1), _training_mix(m))
     net = copy.deepcopy(m.network).to(device)
     try:
-        if weights is None:
-            n = _adapt_batchnorm(net, batches, device=device, seed=seed)
-        else:
-            n = _adapt_batchnorm_weighted(net, batches, weights, device=device, seed=seed)
+        n = _adapt_batchnorm(net, batches, device=device, seed=seed, weights=weights)
     except BaseException:
         net.to("cpu")
         raise
     logger.info("adapted the statistics of %d batch-norm layer(s) to the query%s", n,
                 " (cells re-weighted to the training class mix)" if weights is not None else "")
     return net
-
-
-def _adapt_batchnorm_weighted(network: Any, batches: Any, weights: np.ndarray, *,
-                              device: Any, seed: int) -> int:
-    """:func:`scsnn.models.adapt_batchnorm` with a weight per cell (``weights``: one per
-    cell that ``batches()`` yields, in order): weighted sums, so any batching gives the same
-    statistics."""
-    import torch
-    from spikingjelly.activation_based import functional
-    from torch import nn
-
-    from .models import StepBatchNorm, batch_seed
-
-    device = torch.device(device)
-    norms = [mod for mod in network.modules()
-             if isinstance(mod, nn.BatchNorm1d | StepBatchNorm)
-             and mod.track_running_stats is not False]
-    network.eval()
-    gen = torch.Generator()
-    w_all = torch.as_tensor(np.asarray(weights, dtype=np.float64))
-    with torch.no_grad():
-        for norm in norms:
-            acc: dict[str, Any] = {"s": 0.0, "ss": 0.0, "n": 0.0, "w": None}
-
-            def capture(mod, args, acc=acc):
-                y = args[0].detach().double()
-                w = acc["w"].to(y.device)
-                if isinstance(mod, StepBatchNorm):  # [T, N, F]: per step
-                    ww = w.view(1, -1, 1)
-                    acc["s"] = acc["s"] + (y * ww).sum(1)
-                    acc["ss"] = acc["ss"] + (y * y * ww).sum(1)
-                    acc["n"] = acc["n"] + float(w.sum())
-                else:  # [T * N, F] step-major, or [N, F]: pooled over the steps
-                    ww = w.repeat(y.shape[0] // w.shape[0]).view(-1, 1)
-                    acc["s"] = acc["s"] + (y * ww).sum(0)
-                    acc["ss"] = acc["ss"] + (y * y * ww).sum(0)
-                    acc["n"] = acc["n"] + float(ww.sum())
-
-            hook = norm.register_forward_pre_hook(capture)
-            try:
-                start = 0
-                for i, xb in enumerate(batches()):
-                    xb = torch.as_tensor(xb).to(device)
-                    acc["w"] = w_all[start : start + xb.shape[0]]
-                    start += xb.shape[0]
-                    gen.manual_seed(batch_seed(seed, i))
-                    functional.reset_net(network)
-                    network.forward_steps(xb, gen)
-            finally:
-                hook.remove()
-                functional.reset_net(network)
-            n = float(acc["n"])
-            if n < 2:
-                continue
-            mean = acc["s"] / n
-            var = (acc["ss"] / n - mean * mean).clamp_min(0.0) * (n / (n - 1))
-            norm.running_mean.copy_(mean.to(norm.running_mean.dtype))
-            norm.running_var.copy_(var.to(norm.running_var.dtype))
-    return len(norms)
 
 
 def _stale_columns(key_added: str, early_exit: float | None, majority_voting: bool) -> tuple:

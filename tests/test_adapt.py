@@ -250,8 +250,6 @@ def test_benchmark_scores_both_from_one_training(synth):
 
 
 def test_weighted_adaptation_with_equal_weights_is_plain_adaptation(pbmc_model, shifted):
-    from scsnn import tl
-
     Xq, present = pbmc_model.gene_space.project(scsnn.io.get_expression(shifted))
     absent = "mean" if scsnn.models.is_analog(pbmc_model.network) else "zero"
 
@@ -263,7 +261,7 @@ def test_weighted_adaptation_with_equal_weights_is_plain_adaptation(pbmc_model, 
 
     a, b = copy.deepcopy(pbmc_model.network), copy.deepcopy(pbmc_model.network)
     scsnn.models.adapt_batchnorm(a, batches, seed=0)
-    tl._adapt_batchnorm_weighted(b, batches, np.ones(Xq.shape[0]), device="cpu", seed=0)
+    scsnn.models.adapt_batchnorm(b, batches, seed=0, weights=np.ones(Xq.shape[0]))
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6, msg=k)
 
