@@ -276,6 +276,10 @@ def train(
         "(0: off; 1: the usual tau).")] = 0.0,
     online: Annotated[bool, typer.Option(
         help="Online gradients (state detached between steps) instead of full BPTT.")] = False,
+    ensemble: Annotated[int, typer.Option(
+        "--ensemble", min=1, max=16, help="Train K networks from different seeds and average "
+        "their class probabilities (costs K times the training time and the annotation "
+        "energy; 1: one network).")] = 1,
     min_cells_per_class: Annotated[int, typer.Option(min=1,
                                    help="Drop classes with fewer labelled cells.")] = 1,
     max_cells: Annotated[int | None, typer.Option(
@@ -318,7 +322,7 @@ def train(
         heterogeneous=heterogeneous, smoothness=smoothness, alpha_steps=alpha_steps,
         online=online, min_cells_per_class=min_cells_per_class, n_pair_markers=pair_markers,
         augment_depth=augment_depth, augment_gene_noise=augment_gene_noise,
-        logit_adjust=logit_adjust,
+        logit_adjust=logit_adjust, ensemble=ensemble,
     )
     model = tl.train(
         adata, label_key, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, seed=seed,
@@ -817,7 +821,8 @@ def model_info(path: Path) -> dict[str, Any]:
                        "n_markers_per_class": pre.get("n_markers"),
                        "reference_kind": meta["gene_space"].get("reference_kind")},
         "network": {k: net.get(k) for k in ("neuron", "encoder", "timesteps", "hidden",
-                                            "heterogeneous", "autapse", "online", "rank_n")
+                                            "heterogeneous", "autapse", "online", "rank_n",
+                                            "ensemble")
                     if k in net},
         "training": {
             "reference": settings.get("reference"),
@@ -866,7 +871,9 @@ def _format_info(info: dict[str, Any]) -> str:
         neuron += f" ({', '.join(traits)})"
     lines.append(f"  network        {neuron} neurons, {net.get('encoder', '?')} encoder, "
                  f"T={net.get('timesteps', '?')}, hidden {hidden or '-'}"
-                 + (", online gradients" if net.get("online") else ""))
+                 + (", online gradients" if net.get("online") else "")
+                 + (f", ensemble of {net['ensemble']}" if (net.get("ensemble") or 1) > 1
+                    else ""))
     if tr.get("reference") or tr.get("label_key"):
         lines.append(f"  reference      {tr.get('reference') or '?'} "
                      f"(labels: obs['{tr.get('label_key') or '?'}'])")

@@ -9,6 +9,7 @@ space and files on disk lives in :mod:`scsnn.bundle`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,9 @@ class NetworkConfig:
         Dropout between hidden layers, and of whole input genes.
     clip
         The gene space's clip of standardised values.
+    ensemble
+        Networks of these settings trained from different seeds (:func:`member_seed`) whose
+        class probabilities are averaged (:class:`EnsembleClassifier`; 1: one network).
     """
 
     n_genes: int = 0
@@ -81,6 +85,7 @@ class NetworkConfig:
     dropout: float = 0.2
     input_dropout: float = 0.2
     clip: float = 10.0
+    ensemble: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -478,14 +483,83 @@ class ANNClassifier(nn.Module):
         return []
 
 
+def member_seed(seed: int, k: int) -> int:
+    """The training seed of member ``k`` of an ensemble trained with ``seed``: member 0 is
+    the seed itself (an ensemble of one is the single network), the others are drawn from
+    it, so that the ensembles of neighbouring seeds share no member."""
+    if k == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), int(k)]).generate_state(1)[0] % 2**31)
+
+
+class EnsembleClassifier(nn.Module):
+    """Networks of one configuration whose class probabilities are averaged.
+
+    Member ``k``'s probabilities are ``softmax(logits_k / t_k)`` with its own temperature
+    ``t_k`` (fitted at training; 1 until then); the ensemble's logits, after every step, are
+    the log of their mean, so its softmax is the mean probability. Spike counts add up over
+    the members (see :class:`SpikeCounter`): an ensemble of K costs K networks' energy.
+    """
+
+    def __init__(self, cfg: NetworkConfig, members: Iterable[nn.Module]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.members = nn.ModuleList(members)
+        if len(self.members) != int(cfg.ensemble):
+            raise ValueError(f"an ensemble of {cfg.ensemble} got {len(self.members)} members")
+        self.register_buffer("member_temperature", torch.ones(len(self.members)))
+
+    @property
+    def encoder(self) -> Any:
+        return getattr(self.members[0], "encoder", None)
+
+    @property
+    def counter(self) -> SpikeCounter | None:
+        if not hasattr(self.members[0], "counter"):  # ANN members count no spikes
+            raise AttributeError("counter")
+        return self.members[0].counter
+
+    @counter.setter
+    def counter(self, value: SpikeCounter | None) -> None:
+        for m in self.members:
+            if hasattr(m, "counter"):
+                m.counter = value
+
+    def reads_sparse(self, training: bool | None = None) -> bool:
+        read = getattr(self.members[0], "reads_sparse", None)
+        return bool(read(training)) if read is not None else False
+
+    def forward_steps(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        logp = [F.log_softmax(m.forward_steps(x, generator).float() / t, dim=-1)
+                for m, t in zip(self.members, self.member_temperature.tolist())]
+        return torch.logsumexp(torch.stack(logp), 0) - float(np.log(len(logp)))
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.forward_steps(x, generator)[-1]
+
+    def neuron_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.members for p in m.neuron_parameters()]
+
+    def hifi_layers(self) -> list[HIFINode]:
+        """Member 0's spiking layers (each member has its own; see ``members``)."""
+        return self.members[0].hifi_layers()
+
+
 def build_network(cfg: NetworkConfig, seed: int = 0) -> nn.Module:
     """A freshly initialised network; the seed fixes the initial weights.
 
-    The caller's global torch random state is left as it was.
+    With ``cfg.ensemble`` K > 1, an :class:`EnsembleClassifier` of K members initialised
+    from :func:`member_seed`. The caller's global torch random state is left as it was.
     """
     if cfg.neuron not in NETWORKS:
         raise ValueError(f"unknown neuron '{cfg.neuron}' (choose from {', '.join(NETWORKS)})")
     seed = int(seed)
+    if int(cfg.ensemble) < 1:
+        raise ValueError(f"ensemble must be at least 1 (one network), got {cfg.ensemble}")
+    if int(cfg.ensemble) > 1:
+        one = dataclasses.replace(cfg, ensemble=1)
+        return EnsembleClassifier(cfg, [build_network(one, member_seed(seed, k))
+                                        for k in range(int(cfg.ensemble))])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
@@ -528,7 +602,10 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 @dataclass
 class SpikeCounter:
-    """Cells seen and spikes counted during inference, summed over cells and steps."""
+    """Cells seen and spikes counted during inference, summed over cells and steps.
+
+    Every network adds the cells it ran: the members of an :class:`EnsembleClassifier` each
+    add them, so that the counts per cell are the members' mean."""
 
     n_cells: int = 0
     #: binary input events into the first layer (spike encoders; 0 for analog input)

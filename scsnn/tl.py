@@ -30,6 +30,7 @@ from .models import (
     SpikeCounter,
     build_network,
     is_analog,
+    member_seed,
     resolve_device,
     softmax,
     torch_threads_kept,
@@ -207,12 +208,13 @@ def train(
         )
     ncfg = dataclasses.replace(ncfg, n_genes=gs.n_genes, n_classes=len(classes), clip=gs.clip,
                                hidden=tuple(int(h) for h in ncfg.hidden),
-                               timesteps=int(ncfg.timesteps))
+                               timesteps=int(ncfg.timesteps), ensemble=int(ncfg.ensemble))
     try:
         net = build_network(ncfg, seed)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    _fit_encoder(net, gs, Xsel, seed)
+    for member in getattr(net, "members", [net]):
+        _fit_encoder(member, gs, Xsel, seed)
     # every cell's total count, for the thinning augmentation (raw counts only)
     library = (np.asarray(expr.X.sum(axis=1), dtype=np.float64).ravel()
                if expr.kind == "counts" and tcfg.augment_depth < 1.0 else None)
@@ -233,7 +235,7 @@ def train(
         with distributed.process_group(dev) as dev:
             cells = ScaledCells(Xsel, gs, library=library, depth=tcfg.augment_depth,
                                 gene_noise=tcfg.augment_gene_noise)
-            net, metrics = BiLevelTrainer(tcfg, dev).fit(net, cells, codes, len(classes))
+            net, metrics = _fit_network(net, tcfg, dev, cells, codes, len(classes))
     finally:
         if source is not None:
             source.close()
@@ -267,6 +269,48 @@ def train(
         metrics["n_select"],
     )
     return model
+
+
+def _fit_network(net: Any, tcfg: TrainConfig, dev: Any, cells: Any, codes: np.ndarray,
+                 n_classes: int) -> tuple[Any, dict[str, Any]]:
+    """Train a network, or each member of an ensemble in turn (member k with
+    :func:`scsnn.models.member_seed`, all on the split of the ensemble's seed); an ensemble
+    is then scored, and its temperature fitted, on that split's selection cells."""
+    members = getattr(net, "members", None)
+    if members is None:
+        return BiLevelTrainer(tcfg, dev).fit(net, cells, codes, n_classes)
+    split_seed = tcfg.seed if tcfg.split_seed is None else tcfg.split_seed
+    runs = []
+    for k, member in enumerate(members):
+        mcfg = dataclasses.replace(tcfg, seed=member_seed(tcfg.seed, k), split_seed=split_seed)
+        logger.info("training member %d of %d (seed %d)", k + 1, len(members), mcfg.seed)
+        _, run = BiLevelTrainer(mcfg, dev).fit(member, cells, codes, n_classes)
+        cal = run.get("calibration") or {}
+        net.member_temperature[k] = float(cal.get("temperature", 1.0))
+        runs.append(run)
+    scored = BiLevelTrainer(dataclasses.replace(tcfg, split_seed=split_seed), dev).score_select(
+        net, cells, codes, n_classes)
+    metrics = dict(runs[0])  # splits, sizes and neuron summaries: those of member 0
+    metrics.update(
+        train_seconds=round(sum(r["train_seconds"] for r in runs), 3),
+        epochs_run=int(sum(r["epochs_run"] for r in runs)),
+        select_macro_f1=scored["select_macro_f1"],
+        select_macro_f1_best_epoch=None,
+        calibration=scored["calibration"],
+        ensemble={
+            "members": len(runs),
+            "seeds": [member_seed(tcfg.seed, k) for k in range(len(runs))],
+            "split_seed": int(split_seed),
+            "note": "select_macro_f1 and calibration are the ensemble's (mean of the members' "
+                    "tempered probabilities) on the shared selection split; epochs_run and "
+                    "train_seconds add up the members'; the other fields are member 0's",
+            "member_metrics": [{k: r.get(k) for k in ("train_seconds", "epochs_run",
+                                                       "best_epoch", "select_macro_f1",
+                                                       "calibration", "neurons", "alpha")}
+                               for r in runs],
+        },
+    )
+    return net, metrics
 
 
 def _check_robustness(pcfg: PreprocessConfig, tcfg: TrainConfig) -> None:
@@ -921,8 +965,12 @@ def unassigned_warning(n_unassigned: int, n_cells: int, min_confidence: float) -
 
 
 def _energy(m: ScsnnModel, counter: SpikeCounter | None, n_cells: int) -> dict[str, Any]:
+    """Energy per cell from the counted spikes. An ensemble's members each counted the
+    cells (rates and spikes per cell are the members' mean); its energy is that of all K
+    networks, against one ANN twin."""
     cfg = m.config
     c = counter
+    k = max(int(getattr(cfg, "ensemble", 1)), 1)
     energy = energy_estimate(
         [cfg.n_genes, *cfg.hidden, cfg.n_classes],
         timesteps=cfg.timesteps,
@@ -932,8 +980,13 @@ def _energy(m: ScsnnModel, counter: SpikeCounter | None, n_cells: int) -> dict[s
         input_events=c.input_events if c is not None else 0.0,
         layer_spikes=c.layer_spikes if c is not None else (),
     )
+    if k > 1:
+        for key in ("snn_pj_per_cell", "macs_per_cell", "sops_per_cell"):
+            energy[key] = energy[key] * k
+        energy["ratio_ann_over_snn"] = energy["ann_pj_per_cell"] / energy["snn_pj_per_cell"]
+        energy["ensemble"] = k
     out = {k: v for k, v in energy.items() if v is not None}
-    out["n_cells"] = int(c.n_cells if c is not None else n_cells)
+    out["n_cells"] = int(c.n_cells // k if c is not None else n_cells)
     return out
 
 

@@ -127,6 +127,9 @@ class TrainConfig:
         is the same up to float rounding; False: dense batches throughout.
     seed
         Same seed, same data, same model on the CPU.
+    split_seed
+        Seed of the three-way split (None: ``seed``). The members of an ensemble share the
+        split of the ensemble's seed, so that its selection split fitted none of them.
     progress
         A progress bar over epochs (None: when stderr is a terminal).
     """
@@ -156,6 +159,7 @@ class TrainConfig:
     min_epochs: int = 5
     sparse_input: bool = True
     seed: int = 0
+    split_seed: int | None = None
     progress: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -431,7 +435,7 @@ class BiLevelTrainer:
             distributed.check_same(h.hexdigest(),
                                    "reference cells, labels, genes or initial weights")
 
-        split = stratified_split(codes, cfg.alpha_fraction, cfg.select_fraction, cfg.seed)
+        split = self._split(codes)
         alpha = network.neuron_parameters()
         alpha_ids = {id(p) for p in alpha}
         use_bilevel = cfg.bilevel and bool(alpha) and split.alpha.size > 0
@@ -588,6 +592,30 @@ class BiLevelTrainer:
                                       "backend": distributed.backend(),
                                       "rank_weights_sha256": digests}
         return network, metrics
+
+    def _split(self, codes: np.ndarray) -> Split:
+        cfg = self.cfg
+        seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+        return stratified_split(codes, cfg.alpha_fraction, cfg.select_fraction, int(seed))
+
+    def score_select(self, network: nn.Module, cells: CellRows, codes: np.ndarray,
+                     n_classes: int) -> dict[str, Any]:
+        """A trained network (an ensemble of members trained with this split) on the selection
+        split: its macro-F1 and the temperature fitted there (see :func:`calibrate`)."""
+        self._rank, self._world = distributed.group_rank_size()
+        network.to(self.device)
+        reads = getattr(network, "reads_sparse", None)
+        self._sparse = {t: bool(reads(t)) if reads is not None and self.cfg.sparse_input
+                        else False for t in (False, True)}
+        split = self._split(codes)
+        if split.select.size == 0:
+            return {"select_macro_f1": None, "calibration": None}
+        logits = self._predict(network, cells, split.select)
+        functional.reset_net(network)
+        network.eval()
+        y = codes[split.select]
+        return {"select_macro_f1": macro_f1(y, logits.argmax(1)),
+                "calibration": calibrate(logits, y)}
 
     def _refit(self, network, cells, rows, y, weights, batch_size, n_per_epoch, rng,
                gen) -> None:

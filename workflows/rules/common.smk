@@ -147,6 +147,7 @@ def train_options():
         "--encoder", setting("train", "encoder"),
         "--timesteps", str(setting("train", "timesteps")),
         "--hidden", str(setting("train", "hidden")),
+        "--ensemble", str(setting("train", "ensemble")),
         "--device", setting("train", "device"),
     ]
     return f"{shlex.join(opts)} {input_options(config['reference'])}"
