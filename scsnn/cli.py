@@ -274,6 +274,10 @@ def train(
         "--logit-adjust", min=0.0, help="Logit-adjusted training loss: tau * log(class "
         "prior) is added to the logits in the loss, so that common classes are not favoured "
         "(0: off; 1: the usual tau).")] = 0.0,
+    step_loss: Annotated[float, typer.Option(
+        "--step-loss", min=0.0, max=1.0, help="Weight of the per-step loss: the readout after "
+        "every time step is trained to decide, not only the last (0: off, 1: per-step loss "
+        "only).")] = 0.0,
     online: Annotated[bool, typer.Option(
         help="Online gradients (state detached between steps) instead of full BPTT.")] = False,
     ensemble: Annotated[int, typer.Option(
@@ -322,7 +326,7 @@ def train(
         heterogeneous=heterogeneous, smoothness=smoothness, alpha_steps=alpha_steps,
         online=online, min_cells_per_class=min_cells_per_class, n_pair_markers=pair_markers,
         augment_depth=augment_depth, augment_gene_noise=augment_gene_noise,
-        logit_adjust=logit_adjust, ensemble=ensemble,
+        logit_adjust=logit_adjust, step_loss=step_loss, ensemble=ensemble,
     )
     model = tl.train(
         adata, label_key, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, seed=seed,

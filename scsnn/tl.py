@@ -320,6 +320,8 @@ def _check_robustness(pcfg: PreprocessConfig, tcfg: TrainConfig) -> None:
     for name in ("augment_gene_noise", "logit_adjust"):
         if not float(getattr(tcfg, name)) >= 0.0:
             raise InputError(f"{name} must be >= 0 (0: off), got {getattr(tcfg, name)}")
+    if not 0.0 <= float(tcfg.step_loss) <= 1.0:
+        raise InputError(f"step_loss must be in [0, 1] (0: off), got {tcfg.step_loss}")
     if int(pcfg.n_pair_markers) < 0:
         raise InputError(f"n_pair_markers must be >= 0 (0: none), got {pcfg.n_pair_markers}")
 

@@ -115,6 +115,11 @@ class TrainConfig:
         Logit-adjusted training loss (Menon et al. 2021): ``tau * log(prior)`` is added to the
         logits in the training loss, with the prior the class frequencies of the training
         draws, so that the network's own logits favour no class for being common (0: off).
+    step_loss
+        Weight w of the per-step loss: the training loss is ``(1 - w)`` times the loss of the
+        final readout plus ``w`` times the mean over steps t of the loss of the readout after
+        step t (after temporal efficient training, Deng et al. 2022), so that early steps
+        are trained to decide too (0: the final readout only).
     ema_decay
         Decay of the exponential moving average of the weights that is validated and kept
         (0: off).
@@ -154,6 +159,7 @@ class TrainConfig:
     augment_depth: float = 1.0
     augment_gene_noise: float = 0.0
     logit_adjust: float = 0.0
+    step_loss: float = 0.0
     ema_decay: float = 0.99
     patience: int = 8
     min_epochs: int = 5
@@ -649,10 +655,15 @@ class BiLevelTrainer:
                               training=True)
             yb = torch.from_numpy(y[mine]).to(self.device)
             functional.reset_net(network)
-            logits = network(xb, gen)
+            w_step = float(self.cfg.step_loss)
+            steps = network.forward_steps(xb, gen) if w_step else network(xb, gen)[None]
             if self.cfg.logit_adjust:
-                logits = logits + self.cfg.logit_adjust * self._log_prior
-            loss = F.cross_entropy(logits, yb, label_smoothing=self.cfg.label_smoothing)
+                steps = steps + self.cfg.logit_adjust * self._log_prior
+            loss = F.cross_entropy(steps[-1], yb, label_smoothing=self.cfg.label_smoothing)
+            if w_step:
+                per_step = F.cross_entropy(steps.flatten(0, 1), yb.repeat(steps.shape[0]),
+                                           label_smoothing=self.cfg.label_smoothing)
+                loss = (1.0 - w_step) * loss + w_step * per_step
             opt.zero_grad(set_to_none=True)
             loss.backward()
             value = float(loss.detach())

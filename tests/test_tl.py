@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import scanpy as sc
 import scipy.sparse as sp
+import torch
 from conftest import assert_one_line, cuda_only, shared_file, small
 
 import scsnn
@@ -613,3 +614,15 @@ def test_mostly_unassigned_is_warned(pbmc, pbmc_model, caplog):
     with caplog.at_level(logging.WARNING, logger="scsnn"):
         scsnn.tl.annotate(pbmc, pbmc_model, device="cpu", min_confidence=0.05)
     assert not [r for r in caplog.records if "Unassigned" in r.getMessage()]
+
+
+def test_step_loss_trains_every_readout_and_is_checked(pbmc):
+    """The per-step loss changes what is learned (the same draws otherwise), and a weight
+    outside [0, 1] is refused."""
+    plain = scsnn.tl.train(pbmc, "cell_type", **small(seed=0, epochs=1))
+    stepped = scsnn.tl.train(pbmc, "cell_type", **small(seed=0, epochs=1, step_loss=1.0))
+    assert stepped.settings["train"]["step_loss"] == 1.0
+    a, b = plain.network.state_dict(), stepped.network.state_dict()
+    assert not torch.equal(a["fcs.0.weight"], b["fcs.0.weight"])
+    with pytest.raises(InputError, match="step_loss"):
+        scsnn.tl.train(pbmc, "cell_type", **small(seed=0, epochs=1, step_loss=1.5))
