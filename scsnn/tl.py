@@ -289,7 +289,7 @@ def _fit_network(net: Any, tcfg: TrainConfig, dev: Any, cells: Any, codes: np.nd
         net.member_temperature[k] = float(cal.get("temperature", 1.0))
         runs.append(run)
     scored = BiLevelTrainer(dataclasses.replace(tcfg, split_seed=split_seed), dev).score_select(
-        net, cells, codes, n_classes)
+        net, cells, codes)
     metrics = dict(runs[0])  # splits, sizes and neuron summaries: those of member 0
     metrics.update(
         train_seconds=round(sum(r["train_seconds"] for r in runs), 3),
@@ -972,7 +972,7 @@ def _energy(m: ScsnnModel, counter: SpikeCounter | None, n_cells: int) -> dict[s
     networks, against one ANN twin."""
     cfg = m.config
     c = counter
-    k = max(int(getattr(cfg, "ensemble", 1)), 1)
+    n_nets = max(int(getattr(cfg, "ensemble", 1)), 1)
     energy = energy_estimate(
         [cfg.n_genes, *cfg.hidden, cfg.n_classes],
         timesteps=cfg.timesteps,
@@ -982,13 +982,13 @@ def _energy(m: ScsnnModel, counter: SpikeCounter | None, n_cells: int) -> dict[s
         input_events=c.input_events if c is not None else 0.0,
         layer_spikes=c.layer_spikes if c is not None else (),
     )
-    if k > 1:
+    if n_nets > 1:
         for key in ("snn_pj_per_cell", "macs_per_cell", "sops_per_cell"):
-            energy[key] = energy[key] * k
+            energy[key] = energy[key] * n_nets
         energy["ratio_ann_over_snn"] = energy["ann_pj_per_cell"] / energy["snn_pj_per_cell"]
-        energy["ensemble"] = k
+        energy["ensemble"] = n_nets
     out = {k: v for k, v in energy.items() if v is not None}
-    out["n_cells"] = int(c.n_cells // k if c is not None else n_cells)
+    out["n_cells"] = int(c.n_cells // n_nets if c is not None else n_cells)
     return out
 
 

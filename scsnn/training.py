@@ -430,10 +430,7 @@ class BiLevelTrainer:
         torch.manual_seed(distributed.rank_seed(cfg.seed, rank))
         rng = np.random.default_rng(cfg.seed)
         gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, rank) + 1)
-        network.to(self.device)
-        reads = getattr(network, "reads_sparse", None)
-        self._sparse = {t: bool(reads(t)) if reads is not None and cfg.sparse_input else False
-                        for t in (False, True)}
+        self._place(network)
         if world > 1:
             h = hashlib.sha256(cells.digest().encode())
             h.update(np.ascontiguousarray(codes, dtype=np.int64).tobytes())
@@ -599,20 +596,24 @@ class BiLevelTrainer:
                                       "rank_weights_sha256": digests}
         return network, metrics
 
+    def _place(self, network: nn.Module) -> None:
+        """Move the network to the device and note whether it reads sparse batches."""
+        network.to(self.device)
+        reads = getattr(network, "reads_sparse", None)
+        self._sparse = {t: bool(reads(t)) if reads is not None and self.cfg.sparse_input
+                        else False for t in (False, True)}
+
     def _split(self, codes: np.ndarray) -> Split:
         cfg = self.cfg
         seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
         return stratified_split(codes, cfg.alpha_fraction, cfg.select_fraction, int(seed))
 
-    def score_select(self, network: nn.Module, cells: CellRows, codes: np.ndarray,
-                     n_classes: int) -> dict[str, Any]:
+    def score_select(self, network: nn.Module, cells: CellRows,
+                     codes: np.ndarray) -> dict[str, Any]:
         """A trained network (an ensemble of members trained with this split) on the selection
         split: its macro-F1 and the temperature fitted there (see :func:`calibrate`)."""
         self._rank, self._world = distributed.group_rank_size()
-        network.to(self.device)
-        reads = getattr(network, "reads_sparse", None)
-        self._sparse = {t: bool(reads(t)) if reads is not None and self.cfg.sparse_input
-                        else False for t in (False, True)}
+        self._place(network)
         split = self._split(codes)
         if split.select.size == 0:
             return {"select_macro_f1": None, "calibration": None}
