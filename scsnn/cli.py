@@ -284,6 +284,14 @@ def train(
         "--ensemble", min=1, max=16, help="Train K networks from different seeds and average "
         "their class probabilities (costs K times the training time and the annotation "
         "energy; 1: one network).")] = 1,
+    skip: Annotated[bool, typer.Option(
+        "--skip/--no-skip", help="Input-to-readout synapses: every input spike also drives the "
+        "output layer directly, a linear read of the spike code beside the hidden spiking "
+        "layers.")] = False,
+    skip_fit: Annotated[str, typer.Option(
+        "--skip-fit", help="How the input-to-readout synapses are learnt: 'logreg' (first, by "
+        "L2 logistic regression on the spike counts, then held fixed while the hidden "
+        "layers train) or 'joint' (from zero, with the other synapses).")] = "logreg",
     min_cells_per_class: Annotated[int, typer.Option(min=1,
                                    help="Drop classes with fewer labelled cells.")] = 1,
     max_cells: Annotated[int | None, typer.Option(
@@ -326,7 +334,8 @@ def train(
         heterogeneous=heterogeneous, smoothness=smoothness, alpha_steps=alpha_steps,
         online=online, min_cells_per_class=min_cells_per_class, n_pair_markers=pair_markers,
         augment_depth=augment_depth, augment_gene_noise=augment_gene_noise,
-        logit_adjust=logit_adjust, step_loss=step_loss, ensemble=ensemble,
+        logit_adjust=logit_adjust, step_loss=step_loss, ensemble=ensemble, skip=skip,
+        skip_fit=skip_fit,
     )
     model = tl.train(
         adata, label_key, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, seed=seed,
@@ -826,7 +835,7 @@ def model_info(path: Path) -> dict[str, Any]:
                        "reference_kind": meta["gene_space"].get("reference_kind")},
         "network": {k: net.get(k) for k in ("neuron", "encoder", "timesteps", "hidden",
                                             "heterogeneous", "autapse", "online", "rank_n",
-                                            "ensemble")
+                                            "ensemble", "skip")
                     if k in net},
         "training": {
             "reference": settings.get("reference"),
@@ -877,7 +886,8 @@ def _format_info(info: dict[str, Any]) -> str:
                  f"T={net.get('timesteps', '?')}, hidden {hidden or '-'}"
                  + (", online gradients" if net.get("online") else "")
                  + (f", ensemble of {net['ensemble']}" if (net.get("ensemble") or 1) > 1
-                    else ""))
+                    else "")
+                 + (", input-to-readout synapses" if net.get("skip") else ""))
     if tr.get("reference") or tr.get("label_key"):
         lines.append(f"  reference      {tr.get('reference') or '?'} "
                      f"(labels: obs['{tr.get('label_key') or '?'}'])")

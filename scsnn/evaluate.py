@@ -379,6 +379,7 @@ def energy_estimate(
     n_cells: int,
     input_events: float = 0.0,
     layer_spikes: Sequence[float] = (),
+    skip: bool = False,
 ) -> dict[str, Any]:
     """Energy per cell of the network and of its ANN twin, from counted spikes.
 
@@ -386,17 +387,22 @@ def energy_estimate(
     does, per cell: the first layer's MACs once when its input is analog and constant over the
     steps (direct encoding), else one AC per input spike and fan-out; then one AC per hidden
     spike and fan-out (the next layer's width). Batch norm is folded into the linear layers
-    and neuron updates are not counted, as in the convention of the HIFI paper.
+    and neuron updates are not counted, as in the convention of the HIFI paper. ``skip``:
+    input-to-readout synapses too (genes x classes), in both networks: MACs for the ANN and
+    analog input, else one AC per input spike and class.
     """
     sizes = [int(s) for s in layer_sizes]
     ann_macs = float(sum(a * b for a, b in zip(sizes[:-1], sizes[1:])))
+    if skip:
+        ann_macs += float(sizes[0] * sizes[-1])
     ann_pj = E_MAC_PJ * ann_macs
     if not spiking:
         return {"ratio_ann_over_snn": 1.0, "snn_pj_per_cell": ann_pj, "ann_pj_per_cell": ann_pj,
                 "spike_rate_per_layer": [], "macs_per_cell": ann_macs, "sops_per_cell": 0.0}
     n = max(int(n_cells), 1)
-    macs = float(sizes[0] * sizes[1]) if analog_input else 0.0
-    sops = 0.0 if analog_input else input_events / n * sizes[1]
+    fan_in = sizes[1] + (sizes[-1] if skip else 0)  # synapses an input reaches
+    macs = float(sizes[0] * fan_in) if analog_input else 0.0
+    sops = 0.0 if analog_input else input_events / n * fan_in
     rates = []
     for i, spikes in enumerate(layer_spikes):
         per_cell = spikes / n

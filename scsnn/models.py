@@ -68,6 +68,12 @@ class NetworkConfig:
     ensemble
         Networks of these settings trained from different seeds (:func:`member_seed`) whose
         class probabilities are averaged (:class:`EnsembleClassifier`; 1: one network).
+    skip
+        Input-to-readout synapses: every input spike also drives the output layer, through
+        a current-based synapse that does not decay over the T steps, so that a gene firing
+        at step ``T - level`` adds its weight ``level`` times to the final readout (with
+        direct encoding the analog input drives it at every step). The readout is then the
+        hidden path's plus a linear read of the input code; its weights start at zero.
     """
 
     n_genes: int = 0
@@ -86,6 +92,7 @@ class NetworkConfig:
     input_dropout: float = 0.2
     clip: float = 10.0
     ensemble: int = 1
+    skip: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -313,6 +320,10 @@ class SpikingClassifier(nn.Module):
         )
         self.dropout = Dropout(cfg.dropout)
         self.head = nn.Linear(sizes[-1], cfg.n_classes)
+        #: input-to-readout synapses (``skip``), zero at the start
+        self.skip = nn.Linear(cfg.n_genes, cfg.n_classes, bias=False) if cfg.skip else None
+        if self.skip is not None:
+            nn.init.zeros_(self.skip.weight)
         #: when set, every forward pass adds its cells and spikes to it
         self.counter: SpikeCounter | None = None
 
@@ -341,35 +352,47 @@ class SpikingClassifier(nn.Module):
             return True
         return self.cfg.encoder == "direct" and not (training and self.input_dropout._cut)
 
-    def _weight_table(self) -> torch.Tensor:
-        """The first layer's weight as ``[G, H]`` rows for the embedding bag, kept while the
-        weight is unchanged (inference reuses it batch after batch)."""
+    def _event_weight(self) -> torch.Tensor:
+        """The synapses that input events drive, ``[H (+ C), G]``: the first layer's, and
+        with ``skip`` the input-to-readout ones below them."""
         w = self.fcs[0].weight
-        key = (w.data_ptr(), w._version, w.device, w.dtype)
+        return w if self.skip is None else torch.cat([w, self.skip.weight])
+
+    def _weight_table(self) -> torch.Tensor:
+        """:meth:`_event_weight` as ``[G, H (+ C)]`` rows for the embedding bag, kept while
+        the weights are unchanged (inference reuses it batch after batch)."""
+        ws = [self.fcs[0].weight] + ([] if self.skip is None else [self.skip.weight])
+        key = tuple((w.data_ptr(), w._version, w.device, w.dtype) for w in ws)
         cached = getattr(self, "_table_cache", None)
         if cached is None or cached[0] != key:
-            cached = (key, w.detach().t().contiguous())
+            cached = (key, self._event_weight().detach().t().contiguous())
             self._table_cache = cached
         return cached[1]
 
-    def _sparse_first_layer(self, x: SparseCells) -> tuple[torch.Tensor, float]:
-        """The first linear layer and its batch norm, ``[T, N, H]``, event-driven; and the
-        number of input spikes."""
+    def _sparse_first_layer(self, x: SparseCells
+                            ) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+        """The first linear layer and its batch norm, ``[T, N, H]``, event-driven; the
+        number of input spikes; and with ``skip`` the input's drive of the readout after
+        each step, ``[T, N, C]``."""
         T = self.cfg.timesteps
         N, G = x.shape
         fc = self.fcs[0]
+        H = fc.out_features
         rows, genes = x.row_index(), x.indices
         if self.encoder.constant:  # direct: y = W base + b + sum over entries of W (v - base)
             w = x.values - x.base[genes]
             if torch.is_grad_enabled():
-                y = event_linear(genes, rows, N, fc.weight, w)
+                y = event_linear(genes, rows, N, self._event_weight(), w)
             else:
                 y = _bag_sums(genes, x.indptr[1:] - x.indptr[:-1], self._weight_table(), w)
-            y = y + (fc.bias + fc.weight @ x.base)
+            base = self._event_weight() @ x.base  # the unstored entries' drive
+            y = y + torch.cat([fc.bias + base[:H], base[H:]])
+            y, direct = y[:, :H], y[:, H:]
+            skip = None if self.skip is None else self._constant_skip(direct)
             if self.cfg.norm_per_step:
-                return self.norms[0](y.unsqueeze(0).expand(T, *y.shape)), 0.0
+                return self.norms[0](y.unsqueeze(0).expand(T, *y.shape)), 0.0, skip
             y = self.norms[0](y)
-            return y.unsqueeze(0).expand(T, *y.shape), 0.0
+            return y.unsqueeze(0).expand(T, *y.shape), 0.0, skip
         level = self.encoder.entry_levels(x.values, genes)  # 0: silent
         scale = 1.0
         if self.training and self.input_dropout._cut:
@@ -385,14 +408,30 @@ class SpikingClassifier(nn.Module):
         order = stable_order(step, T + 1)  # entries are in cell order within each step
         if torch.is_grad_enabled():
             bag = (step * N + rows)[order]
-            y = event_linear(genes[order], bag, (T + 1) * N, fc.weight)[: T * N]
+            y = event_linear(genes[order], bag, (T + 1) * N, self._event_weight())[: T * N]
         else:  # inference: the same sums, without the bags' gather or the weight's copy
             counts = torch.bincount(step * N + rows, minlength=(T + 1) * N)
             y = _bag_sums(genes[order], counts, self._weight_table(), None)[: T * N]
         if scale != 1.0:
             y = y * scale
         n_in = float((level > 0).sum()) if self.counter is not None else 0.0
-        return self._norm(0, y + fc.bias, T, N), n_in
+        skip = None if self.skip is None else y[:, H:].reshape(T, N, -1).cumsum(0)
+        return self._norm(0, y[:, :H] + fc.bias, T, N), n_in, skip
+
+    def _constant_skip(self, drive: torch.Tensor) -> torch.Tensor:
+        """``[T, N, C]``: the readout's synaptic current after each step when the same
+        input drive ``[N, C]`` arrives at every step (direct encoding)."""
+        T = self.cfg.timesteps
+        steps = torch.arange(1, T + 1, device=drive.device, dtype=drive.dtype).view(T, 1, 1)
+        return drive.unsqueeze(0) * steps
+
+    def input_trace(self, z: torch.Tensor) -> torch.Tensor:
+        """``[N, G]``: what each gene of dense input ``z`` adds, per unit of skip weight, to the
+        final readout (the time mean of its cumulated input)."""
+        T = self.cfg.timesteps
+        if self.encoder.constant:
+            return z * ((T + 1) / 2)
+        return self.encoder(z).cumsum(0).mean(0)
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The input spike trains ``[T, N, G]`` of a spike encoder; in training, input dropout
@@ -409,12 +448,15 @@ class SpikingClassifier(nn.Module):
         if isinstance(x, SparseCells) and not (
                 self.reads_sparse() and self.encoder.silent(x.base)):
             x = x.to_dense()
+        skip = None
         if isinstance(x, SparseCells):
-            seq, input_events = self._sparse_first_layer(x)
+            seq, input_events, skip = self._sparse_first_layer(x)
         elif self.encoder.constant:
             # same analog input at every step: compute the first layer once per cell
             x = self.input_dropout(x)
             y = self.fcs[0](x)
+            if self.skip is not None:
+                skip = self._constant_skip(self.skip(x))
             if self.cfg.norm_per_step:
                 seq = self.norms[0](y.unsqueeze(0).expand(T, *y.shape))
             else:
@@ -425,6 +467,8 @@ class SpikingClassifier(nn.Module):
             if self.counter is not None:
                 input_events = float(spikes_in.detach().sum())
             seq = self._layer(0, spikes_in)
+            if self.skip is not None:  # the input spikes' current into the readout
+                skip = self.skip(spikes_in).cumsum(0)
         layer_spikes = []
         s = self.spiking[0](seq)
         layer_spikes.append(s)
@@ -435,6 +479,8 @@ class SpikingClassifier(nn.Module):
             self.counter.add(x.shape[0], input_events,
                              [float(z.detach().sum()) for z in layer_spikes])
         out = self.head(self.dropout(s))  # [T, N, C]
+        if skip is not None:
+            out = out + skip
         steps = torch.arange(1, T + 1, device=out.device, dtype=out.dtype).view(T, 1, 1)
         return out.cumsum(0) / steps
 
@@ -469,12 +515,23 @@ class ANNClassifier(nn.Module):
                        Dropout(cfg.dropout)]
         layers.append(nn.Linear(sizes[-1], cfg.n_classes))
         self.net = nn.Sequential(*layers)
+        #: ``skip``: a linear read of the input added to the output, zero at the start
+        self.skip = nn.Linear(cfg.n_genes, cfg.n_classes, bias=False) if cfg.skip else None
+        if self.skip is not None:
+            nn.init.zeros_(self.skip.weight)
 
     def forward_steps(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.net(x).unsqueeze(0)
+        return self.forward(x, generator).unsqueeze(0)
+
+    def input_trace(self, z: torch.Tensor) -> torch.Tensor:
+        """The input as the ``skip`` synapses read it (``skip(x)`` is added to the output)."""
+        return z
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.net(x)
+        if self.skip is None:
+            return self.net(x)
+        x = self.net[0](x)  # input dropout, shared by both paths
+        return self.net[1:](x) + self.skip(x)
 
     def neuron_parameters(self) -> list[nn.Parameter]:
         return []

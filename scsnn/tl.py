@@ -322,6 +322,8 @@ def _check_robustness(pcfg: PreprocessConfig, tcfg: TrainConfig) -> None:
             raise InputError(f"{name} must be >= 0 (0: off), got {getattr(tcfg, name)}")
     if not 0.0 <= float(tcfg.step_loss) <= 1.0:
         raise InputError(f"step_loss must be in [0, 1] (0: off), got {tcfg.step_loss}")
+    if tcfg.skip_fit not in ("logreg", "joint"):
+        raise InputError(f"skip_fit must be 'logreg' or 'joint', got {tcfg.skip_fit!r}")
     if int(pcfg.n_pair_markers) < 0:
         raise InputError(f"n_pair_markers must be >= 0 (0: none), got {pcfg.n_pair_markers}")
 
@@ -981,6 +983,7 @@ def _energy(m: ScsnnModel, counter: SpikeCounter | None, n_cells: int) -> dict[s
         n_cells=c.n_cells if c is not None else n_cells,
         input_events=c.input_events if c is not None else 0.0,
         layer_spikes=c.layer_spikes if c is not None else (),
+        skip=bool(getattr(cfg, "skip", False)),
     )
     if n_nets > 1:
         for key in ("snn_pj_per_cell", "macs_per_cell", "sops_per_cell"):

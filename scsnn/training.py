@@ -37,6 +37,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -48,7 +49,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import distributed
-from .models import SparseCells
+from .models import SparseCells, is_analog
 from .neurons import neuron_summary
 
 logger = logging.getLogger("scsnn")
@@ -120,6 +121,15 @@ class TrainConfig:
         final readout plus ``w`` times the mean over steps t of the loss of the readout after
         step t (after temporal efficient training, Deng et al. 2022), so that early steps
         are trained to decide too (0: the final readout only).
+    skip_fit
+        How a network's input-to-readout synapses (``NetworkConfig.skip``) are learnt:
+        ``"logreg"``: first, by multinomial logistic regression with an L2 penalty (C = 1) on
+        the spike counts that reach the readout (with the latency code, each detected gene's
+        level) of the training and alpha cells (at most ``skip_fit_cells`` of them; the
+        selection split stays out), and then held fixed while the rest of the network
+        trains on top of them; ``"joint"``: from zero, with the other synapses.
+    skip_fit_cells
+        Cells (drawn at random) that the ``logreg`` fit reads at most.
     ema_decay
         Decay of the exponential moving average of the weights that is validated and kept
         (0: off).
@@ -160,6 +170,8 @@ class TrainConfig:
     augment_gene_noise: float = 0.0
     logit_adjust: float = 0.0
     step_loss: float = 0.0
+    skip_fit: str = "logreg"
+    skip_fit_cells: int = 20_000
     ema_decay: float = 0.99
     patience: int = 8
     min_epochs: int = 5
@@ -380,6 +392,51 @@ class BiLevelTrainer:
         block = cells.rows(rows, rng) if rng is not None else cells.rows(rows)
         return torch.from_numpy(block).to(self.device)
 
+    def _fit_skip(self, network: nn.Module, cells: CellRows, rows: np.ndarray,
+                  y: np.ndarray) -> None:
+        """Fit the input-to-readout synapses by L2 logistic regression (C = 1) on the spike
+        counts that reach the readout, and freeze them (``skip_fit="logreg"``).
+
+        The readout receives ``W @ input_trace(x)``. The regression is fitted on the spike
+        counts ``T * input_trace`` (with the latency code: each detected gene's level,
+        0 .. T), so that its penalty is on the readout's weight per spike, and ``W`` is
+        ``T`` times its coefficients (the same logits; its intercept is left to the output
+        layer's bias, which trains with the network). Deterministic (lbfgs) given the cells, so every rank and every ensemble member fits
+        the same synapses from the same split.
+        """
+        from scipy import sparse
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+
+        cap = int(self.cfg.skip_fit_cells)
+        if cap > 0 and len(rows) > cap:
+            pick = np.sort(np.random.default_rng([self.cfg.seed, 5]).choice(
+                len(rows), size=cap, replace=False))
+            rows, y = rows[pick], y[pick]
+        T = network.cfg.timesteps
+        analog = is_analog(network)
+        blocks = []
+        with torch.no_grad():
+            for s in range(0, len(rows), 4096):
+                z = torch.from_numpy(cells.rows(rows[s : s + 4096])).to(self.device)
+                f = (network.input_trace(z) * T).cpu().numpy()
+                # spike counts are mostly zero: kept sparse; analog input is dense
+                blocks.append(f if analog else sparse.csr_matrix(f))
+        feats = np.vstack(blocks) if analog else sparse.vstack(blocks).tocsr()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf = LogisticRegression(C=1.0, max_iter=1000)
+            clf.fit(feats, y)
+        coef = np.zeros((network.cfg.n_classes, network.cfg.n_genes), dtype=np.float32)
+        if len(clf.classes_) == 2:  # binary: one coefficient row, for the second class
+            coef[clf.classes_[1]] = clf.coef_[0] / 2
+            coef[clf.classes_[0]] = -clf.coef_[0] / 2
+        else:
+            coef[clf.classes_] = clf.coef_
+        with torch.no_grad():
+            network.skip.weight.copy_(torch.from_numpy(coef * T).to(network.skip.weight))
+        network.skip.weight.requires_grad_(False)
+
     def _predict(self, network: nn.Module, cells: CellRows, rows: np.ndarray) -> np.ndarray:
         """Logits of the network on the given cells, in eval mode (under DDP: each rank
         predicts a block of them and every rank receives all)."""
@@ -448,7 +505,9 @@ class BiLevelTrainer:
         ytr = codes[train_rows]
         has_sel = split.select.size > 0
         ysel = codes[split.select]
-        weights = [p for p in network.parameters() if id(p) not in alpha_ids]
+        if getattr(network, "skip", None) is not None and cfg.skip_fit == "logreg":
+            self._fit_skip(network, cells, fit_rows, codes[fit_rows])
+        weights = [p for p in network.parameters() if id(p) not in alpha_ids and p.requires_grad]
         if use_bilevel:
             opt_w = torch.optim.AdamW(weights, lr=cfg.lr, weight_decay=cfg.weight_decay)
             opt_a = torch.optim.Adam(alpha, lr=cfg.alpha_lr)

@@ -148,6 +148,7 @@ def train_options():
         "--timesteps", str(setting("train", "timesteps")),
         "--hidden", str(setting("train", "hidden")),
         "--ensemble", str(setting("train", "ensemble")),
+        "--skip" if setting("train", "skip") else "--no-skip",
         "--device", setting("train", "device"),
     ]
     return f"{shlex.join(opts)} {input_options(config['reference'])}"
