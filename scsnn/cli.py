@@ -292,6 +292,10 @@ def train(
         "--skip-fit", help="How the input-to-readout synapses are learnt: 'logreg' (first, by "
         "L2 logistic regression on the spike counts, then held fixed while the hidden "
         "layers train) or 'joint' (from zero, with the other synapses).")] = "logreg",
+    skip_hidden_gain: Annotated[float, typer.Option(
+        "--skip-hidden-gain", min=0.0, max=1.0, help="With --skip-fit logreg: the share of the "
+        "hidden layers' correction kept in the readout after training (their output synapses "
+        "are scaled by it; 1: all of it, 0: the skip read alone).")] = 1.0,
     min_cells_per_class: Annotated[int, typer.Option(min=1,
                                    help="Drop classes with fewer labelled cells.")] = 1,
     max_cells: Annotated[int | None, typer.Option(
@@ -335,7 +339,7 @@ def train(
         online=online, min_cells_per_class=min_cells_per_class, n_pair_markers=pair_markers,
         augment_depth=augment_depth, augment_gene_noise=augment_gene_noise,
         logit_adjust=logit_adjust, step_loss=step_loss, ensemble=ensemble, skip=skip,
-        skip_fit=skip_fit,
+        skip_fit=skip_fit, skip_hidden_gain=skip_hidden_gain,
     )
     model = tl.train(
         adata, label_key, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, seed=seed,

@@ -487,6 +487,13 @@ class SpikingClassifier(nn.Module):
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.forward_steps(x, generator)[-1]
 
+    @torch.no_grad()
+    def scale_hidden_readout(self, gain: float) -> None:
+        """Scale the output layer's synapses and bias (the hidden layers' share of the
+        readout; the ``skip`` synapses are left as they are)."""
+        self.head.weight.mul_(gain)
+        self.head.bias.mul_(gain)
+
     def hifi_layers(self) -> list[HIFINode]:
         """The spiking layers built on :class:`~scsnn.neurons.HIFINode` (HIFI, LIF, PLIF)."""
         return [m for m in self.spiking if isinstance(m, HIFINode)]
@@ -535,6 +542,12 @@ class ANNClassifier(nn.Module):
 
     def neuron_parameters(self) -> list[nn.Parameter]:
         return []
+
+    @torch.no_grad()
+    def scale_hidden_readout(self, gain: float) -> None:
+        """Scale the last layer's weights and bias (the ``skip`` read is left as it is)."""
+        self.net[-1].weight.mul_(gain)
+        self.net[-1].bias.mul_(gain)
 
     def hifi_layers(self) -> list[HIFINode]:
         return []

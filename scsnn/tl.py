@@ -324,6 +324,8 @@ def _check_robustness(pcfg: PreprocessConfig, tcfg: TrainConfig) -> None:
         raise InputError(f"step_loss must be in [0, 1] (0: off), got {tcfg.step_loss}")
     if tcfg.skip_fit not in ("logreg", "joint"):
         raise InputError(f"skip_fit must be 'logreg' or 'joint', got {tcfg.skip_fit!r}")
+    if not 0.0 <= float(tcfg.skip_hidden_gain) <= 1.0:
+        raise InputError(f"skip_hidden_gain must be in [0, 1], got {tcfg.skip_hidden_gain}")
     if int(pcfg.n_pair_markers) < 0:
         raise InputError(f"n_pair_markers must be >= 0 (0: none), got {pcfg.n_pair_markers}")
 

@@ -130,6 +130,11 @@ class TrainConfig:
         trains on top of them; ``"joint"``: from zero, with the other synapses.
     skip_fit_cells
         Cells (drawn at random) that the ``logreg`` fit reads at most.
+    skip_hidden_gain
+        With ``skip_fit="logreg"``: after training, the hidden layers' readout synapses (the
+        output layer's weights and bias) are scaled by this factor, so the readout is the
+        fixed skip read plus this share of the hidden layers' correction (1: unchanged,
+        0: the skip read alone). Applied before the selection score and the calibration.
     ema_decay
         Decay of the exponential moving average of the weights that is validated and kept
         (0: off).
@@ -172,6 +177,7 @@ class TrainConfig:
     step_loss: float = 0.0
     skip_fit: str = "logreg"
     skip_fit_cells: int = 20_000
+    skip_hidden_gain: float = 1.0
     ema_decay: float = 0.99
     patience: int = 8
     min_epochs: int = 5
@@ -609,6 +615,12 @@ class BiLevelTrainer:
                 final_f1 = f1_refit
             else:
                 network.load_state_dict(before)
+        gain = float(cfg.skip_hidden_gain)
+        if (getattr(network, "skip", None) is not None and cfg.skip_fit == "logreg"
+                and gain != 1.0):
+            network.scale_hidden_readout(gain)
+            if has_sel:
+                final_f1, _ = self._score(network, cells, split.select, ysel, w_sel)
         calibration = None
         if has_sel:
             logits = self._predict(network, cells, split.select)
@@ -623,6 +635,8 @@ class BiLevelTrainer:
             "select_macro_f1": final_f1,
             "select_macro_f1_best_epoch": best_f1 if has_sel else None,
             "refit": refit,
+            "skip_hidden_gain": (gain if getattr(network, "skip", None) is not None
+                                 and cfg.skip_fit == "logreg" else None),
             "n_train": int(train_rows.size),
             "n_alpha": int(split.alpha.size) if use_bilevel else 0,
             "n_select": int(split.select.size),

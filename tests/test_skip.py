@@ -149,3 +149,35 @@ def test_joint_skip_trains_from_zero(_pbmc_session):
 def test_unknown_skip_fit_is_refused(_pbmc_session):
     with pytest.raises(InputError, match="skip_fit"):
         scsnn.tl.train(_pbmc_session, "cell_type", **small(skip=True, skip_fit="ridge"))
+
+
+def test_hidden_gain_scales_only_the_hidden_share_of_the_readout(skip_model, _pbmc_session):
+    """skip_hidden_gain g: the same training, then the readout is skip + g * hidden; at 0 it
+    is the skip read alone."""
+    from scsnn.io import get_expression
+
+    half = scsnn.tl.train(_pbmc_session, "cell_type",
+                          **small(seed=0, skip=True, skip_hidden_gain=0.5))
+    zero = scsnn.tl.train(_pbmc_session, "cell_type",
+                          **small(seed=0, skip=True, skip_hidden_gain=0.0))
+    assert half.metrics["skip_hidden_gain"] == 0.5
+    z = torch.as_tensor(skip_model.gene_space.features(get_expression(_pbmc_session)),
+                        dtype=torch.float32)
+    out = {}
+    for name, m in (("full", skip_model), ("half", half), ("zero", zero)):
+        net = m.network.eval()
+        with torch.no_grad():
+            functional.reset_net(net)
+            out[name] = net(z)
+            out[name + "_skip"] = net.input_trace(z) @ net.skip.weight.t()
+    torch.testing.assert_close(out["full_skip"], out["half_skip"])
+    torch.testing.assert_close(out["zero"], out["zero_skip"])
+    hidden = out["full"] - out["full_skip"]
+    assert hidden.abs().max() > 0.1
+    torch.testing.assert_close(out["half"], out["full_skip"] + 0.5 * hidden,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_out_of_range_hidden_gain_is_refused(_pbmc_session):
+    with pytest.raises(InputError, match="skip_hidden_gain"):
+        scsnn.tl.train(_pbmc_session, "cell_type", **small(skip=True, skip_hidden_gain=1.5))
