@@ -295,7 +295,7 @@ def train(
     skip_hidden_gain: Annotated[float, typer.Option(
         "--skip-hidden-gain", min=0.0, max=1.0, help="With --skip-fit logreg: the share of the "
         "hidden layers' correction kept in the readout after training (their output synapses "
-        "are scaled by it; 1: all of it, 0: the skip read alone).")] = 1.0,
+        "are scaled by it; 1: all of it, 0: the skip read alone).")] = 0.5,
     min_cells_per_class: Annotated[int, typer.Option(min=1,
                                    help="Drop classes with fewer labelled cells.")] = 1,
     max_cells: Annotated[int | None, typer.Option(

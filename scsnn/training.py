@@ -134,7 +134,9 @@ class TrainConfig:
         With ``skip_fit="logreg"``: after training, the hidden layers' readout synapses (the
         output layer's weights and bias) are scaled by this factor, so the readout is the
         fixed skip read plus this share of the hidden layers' correction (1: unchanged,
-        0: the skip read alone). Applied before the selection score and the calibration.
+        0: the skip read alone; 0.5, the default, is measured against 1 in
+        ``docs/benchmarks.md`` section 8). Applied before the selection score and the
+        calibration.
     ema_decay
         Decay of the exponential moving average of the weights that is validated and kept
         (0: off).
@@ -177,7 +179,7 @@ class TrainConfig:
     step_loss: float = 0.0
     skip_fit: str = "logreg"
     skip_fit_cells: int = 20_000
-    skip_hidden_gain: float = 1.0
+    skip_hidden_gain: float = 0.5
     ema_decay: float = 0.99
     patience: int = 8
     min_epochs: int = 5

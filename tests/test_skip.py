@@ -156,15 +156,16 @@ def test_hidden_gain_scales_only_the_hidden_share_of_the_readout(skip_model, _pb
     is the skip read alone."""
     from scsnn.io import get_expression
 
-    half = scsnn.tl.train(_pbmc_session, "cell_type",
-                          **small(seed=0, skip=True, skip_hidden_gain=0.5))
+    half = skip_model  # the default gain, 0.5
+    full = scsnn.tl.train(_pbmc_session, "cell_type",
+                          **small(seed=0, skip=True, skip_hidden_gain=1.0))
     zero = scsnn.tl.train(_pbmc_session, "cell_type",
                           **small(seed=0, skip=True, skip_hidden_gain=0.0))
     assert half.metrics["skip_hidden_gain"] == 0.5
     z = torch.as_tensor(skip_model.gene_space.features(get_expression(_pbmc_session)),
                         dtype=torch.float32)
     out = {}
-    for name, m in (("full", skip_model), ("half", half), ("zero", zero)):
+    for name, m in (("full", full), ("half", half), ("zero", zero)):
         net = m.network.eval()
         with torch.no_grad():
             functional.reset_net(net)
