@@ -617,15 +617,18 @@ class BiLevelTrainer:
                 final_f1 = f1_refit
             else:
                 network.load_state_dict(before)
-        gain = float(cfg.skip_hidden_gain)
-        if (getattr(network, "skip", None) is not None and cfg.skip_fit == "logreg"
-                and gain != 1.0):
+        # the hidden layers' share of a fitted skip network's readout (None: no fitted skip)
+        gain = (float(cfg.skip_hidden_gain)
+                if getattr(network, "skip", None) is not None and cfg.skip_fit == "logreg"
+                else None)
+        scaled = gain is not None and gain != 1.0
+        if scaled:
             network.scale_hidden_readout(gain)
-            if has_sel:
-                final_f1, _ = self._score(network, cells, split.select, ysel, w_sel)
         calibration = None
         if has_sel:
             logits = self._predict(network, cells, split.select)
+            if scaled:
+                final_f1 = macro_f1(ysel, logits.argmax(1))
             calibration = calibrate(logits, ysel)
         functional.reset_net(network)
         network.eval()
@@ -637,8 +640,7 @@ class BiLevelTrainer:
             "select_macro_f1": final_f1,
             "select_macro_f1_best_epoch": best_f1 if has_sel else None,
             "refit": refit,
-            "skip_hidden_gain": (gain if getattr(network, "skip", None) is not None
-                                 and cfg.skip_fit == "logreg" else None),
+            "skip_hidden_gain": gain,
             "n_train": int(train_rows.size),
             "n_alpha": int(split.alpha.size) if use_bilevel else 0,
             "n_select": int(split.select.size),
