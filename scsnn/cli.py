@@ -292,6 +292,9 @@ def train(
         "--skip-fit", help="How the input-to-readout synapses are learnt: 'logreg' (first, by "
         "L2 logistic regression on the spike counts, then held fixed while the hidden "
         "layers train) or 'joint' (from zero, with the other synapses).")] = "logreg",
+    skip_class_weight: Annotated[str, typer.Option(
+        "--skip-class-weight", help="With --skip-fit logreg: 'none' (every reference cell "
+        "counts once) or 'balanced' (every class weighs the same in the fit).")] = "none",
     skip_hidden_gain: Annotated[float, typer.Option(
         "--skip-hidden-gain", min=0.0, max=1.0, help="With --skip-fit logreg: the share of the "
         "hidden layers' correction kept in the readout after training (their output synapses "
@@ -340,6 +343,7 @@ def train(
         augment_depth=augment_depth, augment_gene_noise=augment_gene_noise,
         logit_adjust=logit_adjust, step_loss=step_loss, ensemble=ensemble, skip=skip,
         skip_fit=skip_fit, skip_hidden_gain=skip_hidden_gain,
+        skip_class_weight=skip_class_weight,
     )
     model = tl.train(
         adata, label_key, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, seed=seed,

@@ -324,6 +324,9 @@ def _check_robustness(pcfg: PreprocessConfig, tcfg: TrainConfig) -> None:
         raise InputError(f"step_loss must be in [0, 1] (0: off), got {tcfg.step_loss}")
     if tcfg.skip_fit not in ("logreg", "joint"):
         raise InputError(f"skip_fit must be 'logreg' or 'joint', got {tcfg.skip_fit!r}")
+    if tcfg.skip_class_weight not in ("none", "balanced"):
+        raise InputError("skip_class_weight must be 'none' or 'balanced', got "
+                         f"{tcfg.skip_class_weight!r}")
     if not 0.0 <= float(tcfg.skip_hidden_gain) <= 1.0:
         raise InputError(f"skip_hidden_gain must be in [0, 1], got {tcfg.skip_hidden_gain}")
     if int(pcfg.n_pair_markers) < 0:

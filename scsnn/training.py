@@ -130,6 +130,11 @@ class TrainConfig:
         trains on top of them; ``"joint"``: from zero, with the other synapses.
     skip_fit_cells
         Cells (drawn at random) that the ``logreg`` fit reads at most.
+    skip_class_weight
+        Class weights of the ``logreg`` fit: ``"none"`` (every cell counts once) or
+        ``"balanced"`` (each class weighs as much in total, scikit-learn's
+        ``class_weight="balanced"``), so that rare classes' synapses are not shrunk towards
+        the common ones'.
     skip_hidden_gain
         With ``skip_fit="logreg"``: after training, the hidden layers' readout synapses (the
         output layer's weights and bias) are scaled by this factor, so the readout is the
@@ -179,6 +184,7 @@ class TrainConfig:
     step_loss: float = 0.0
     skip_fit: str = "logreg"
     skip_fit_cells: int = 20_000
+    skip_class_weight: str = "none"
     skip_hidden_gain: float = 0.5
     ema_decay: float = 0.99
     patience: int = 8
@@ -433,7 +439,8 @@ class BiLevelTrainer:
         feats = np.vstack(blocks) if analog else sparse.vstack(blocks).tocsr()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            clf = LogisticRegression(C=1.0, max_iter=1000)
+            weight = "balanced" if self.cfg.skip_class_weight == "balanced" else None
+            clf = LogisticRegression(C=1.0, max_iter=1000, class_weight=weight)
             clf.fit(feats, y)
         coef = np.zeros((network.cfg.n_classes, network.cfg.n_genes), dtype=np.float32)
         if len(clf.classes_) == 2:  # binary: one coefficient row, for the second class
@@ -641,6 +648,7 @@ class BiLevelTrainer:
             "select_macro_f1_best_epoch": best_f1 if has_sel else None,
             "refit": refit,
             "skip_hidden_gain": gain,
+            "skip_class_weight": cfg.skip_class_weight if gain is not None else None,
             "n_train": int(train_rows.size),
             "n_alpha": int(split.alpha.size) if use_bilevel else 0,
             "n_select": int(split.select.size),

@@ -182,3 +182,18 @@ def test_hidden_gain_scales_only_the_hidden_share_of_the_readout(skip_model, _pb
 def test_out_of_range_hidden_gain_is_refused(_pbmc_session):
     with pytest.raises(InputError, match="skip_hidden_gain"):
         scsnn.tl.train(_pbmc_session, "cell_type", **small(skip=True, skip_hidden_gain=1.5))
+
+
+def test_balanced_skip_fit_reweights_the_classes(skip_model, _pbmc_session):
+    """skip_class_weight="balanced": the same cells, another fit of the skip synapses (the
+    classes of pbmc68k_reduced are far from equal in size), recorded in the metrics."""
+    bal = scsnn.tl.train(_pbmc_session, "cell_type",
+                         **small(seed=0, skip=True, skip_class_weight="balanced"))
+    assert skip_model.metrics["skip_class_weight"] == "none"
+    assert bal.metrics["skip_class_weight"] == "balanced"
+    a, b = skip_model.network.skip.weight, bal.network.skip.weight
+    assert not b.requires_grad
+    assert (a - b).abs().max() > 1e-3
+    with pytest.raises(InputError, match="skip_class_weight"):
+        scsnn.tl.train(_pbmc_session, "cell_type",
+                       **small(skip=True, skip_class_weight="inverse"))
