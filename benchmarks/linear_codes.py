@@ -6,12 +6,19 @@ Features, all on scsnn's gene space of the task (fitted with the default setting
 * ``z``: the standardised values (the ``logreg`` baseline of ``hifi_claims.py``);
 * ``levels``: the latency code's level of every gene, 0 (not detected) .. T, i.e. the spike
   counts that reach the readout through ``--skip`` synapses;
-* ``detected``: 1 where a gene is detected, else 0.
+* ``detected``: 1 where a gene is detected, else 0;
+* ``steps`` (with ``--more``): the spike trains themselves, one feature per gene and step
+  (a readout synapse of its own for each step, i.e. any function of a gene's level);
+* ``levels-T8``, ``levels-T16`` (with ``--more``): the latency levels of an encoder of 8 or
+  16 steps fitted on the same cells (finer equal-frequency bins), scaled to 0 .. 4.
 
 scikit-learn ``LogisticRegression(C=1, max_iter=1000)`` fitted on all reference cells of the
-split, macro-F1 on its query cells.
+split (``-bal`` columns: ``class_weight="balanced"``), macro-F1 on its query cells.
+``--c-grid`` prints instead, for the levels, the query macro-F1 at C = 0.1, 0.3, 1, 3, 10 and
+the C that a 3-fold cross-validation on the reference picks (macro-F1), unweighted and
+balanced.
 
-    python benchmarks/linear_codes.py [--tasks a,b] [--data-dir ../shared/data]
+    python benchmarks/linear_codes.py [--tasks a,b] [--more | --c-grid] [--data-dir ../shared/data]
 """
 
 from __future__ import annotations
@@ -26,43 +33,110 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0)
+
+
+def _fit_score(X, y, Xq, yq, *, C=1.0, balanced=False) -> float:
+    from sklearn.linear_model import LogisticRegression
+
+    from scsnn.evaluate import classification_report
+
+    clf = LogisticRegression(C=C, max_iter=1000,
+                             class_weight="balanced" if balanced else None).fit(X, y)
+    return classification_report(yq, clf.predict(Xq))["macro_f1"]
+
+
+def _c_grid(X, y, Xq, yq, balanced: bool) -> dict:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+    from sklearn.model_selection import StratifiedKFold
+
+    query, cv = {}, {}
+    folds = list(StratifiedKFold(3, shuffle=True, random_state=0).split(np.zeros(len(y)), y))
+    for C in C_GRID:
+        query[C] = _fit_score(X, y, Xq, yq, C=C, balanced=balanced)
+        s = []
+        for tr, te in folds:
+            clf = LogisticRegression(C=C, max_iter=1000,
+                                     class_weight="balanced" if balanced else None)
+            s.append(f1_score(y[te], clf.fit(X[tr], y[tr]).predict(X[te]), average="macro"))
+        cv[C] = float(np.mean(s))
+    pick = max(C_GRID, key=lambda c: cv[c])
+    return {"query": query, "cv": cv, "pick": pick}
+
 
 def main() -> None:
     import torch
+    from scipy import sparse
+    from sklearn.exceptions import ConvergenceWarning
 
     import hifi_claims as hc
     from scsnn import benchmark as bm
-    from scsnn.evaluate import classification_report
+    from scsnn.encoding import LatencyEncoder
     from scsnn.io import get_expression
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", type=Path, default=hc.DEFAULT_DATA)
     ap.add_argument("--tasks", default=None)
+    ap.add_argument("--more", action="store_true", help="also class-balanced fits, the "
+                    "per-step spike trains and finer latency codes")
+    ap.add_argument("--c-grid", action="store_true", help="the levels' fit at five C values "
+                    "and the C a 3-fold CV on the reference picks")
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", ConvergenceWarning)
     table = hc.tasks(args.data_dir, 5, 0)
     names = args.tasks.split(",") if args.tasks else list(table)
-    print("| task | z | levels | detected |\n|---|---|---|---|")
+    if args.c_grid:
+        head = ["C " + f"{c:g}" for c in C_GRID]
+        print("| task | weights | " + " | ".join(head) + " | CV picks | query at the pick |")
+        print("|---|---|" + "---|" * (len(head) + 2))
+    elif args.more:
+        cols = ["z", "z-bal", "levels", "levels-bal", "detected", "steps", "steps-bal",
+                "levels-T8", "levels-T16"]
+        print("| task | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
+    else:
+        print("| task | z | levels | detected |\n|---|---|---|---|")
     for name in names:
         desc, label, make = table[name]
         split = next(iter(make()))
         model = bm.train_method(split, label, 0, {"epochs": 1, "device": "cpu",
                                                   "progress": False})
         enc = model.network.encoder
-        feats = {}
-        for part, a in (("ref", split.reference), ("query", split.query)):
-            z = model.gene_space.features(get_expression(a))
-            lev = enc.levels(torch.as_tensor(z)).numpy().astype(np.float32)
-            feats[part] = {"z": z, "levels": lev, "detected": (lev > 0).astype(np.float32)}
+        T = enc.timesteps
+        parts = (("ref", split.reference), ("query", split.query))
+        zs = {p: torch.as_tensor(model.gene_space.features(get_expression(a))) for p, a in parts}
         yr = split.reference.obs[label].astype(str).to_numpy()
         yq = split.query.obs[label].astype(str).to_numpy()
-        res = {}
-        for code in ("z", "levels", "detected"):
-            clf = LogisticRegression(C=1.0, max_iter=1000).fit(feats["ref"][code], yr)
-            res[code] = classification_report(yq, clf.predict(feats["query"][code]))["macro_f1"]
+        lev = {p: enc.levels(z).numpy().astype(np.float32) for p, z in zs.items()}
+        levels = {p: sparse.csr_matrix(v) for p, v in lev.items()}
+        if args.c_grid:
+            for balanced in (False, True):
+                g = _c_grid(levels["ref"], yr, levels["query"], yq, balanced)
+                print(f"| {name} | {'balanced' if balanced else 'none'} | "
+                      + " | ".join(f"{g['query'][c]:.3f}" for c in C_GRID)
+                      + f" | {g['pick']:g} | {g['query'][g['pick']]:.3f} |", flush=True)
+                print(json.dumps({"task": name, "balanced": balanced, **g}), file=sys.stderr)
+            continue
+        feats = {"z": {p: z.numpy() for p, z in zs.items()}, "levels": levels,
+                 "detected": {p: sparse.csr_matrix((v > 0).astype(np.float32))
+                              for p, v in lev.items()}}
+        fits = [("z", "z", False), ("levels", "levels", False), ("detected", "detected", False)]
+        if args.more:
+            feats["steps"] = {p: sparse.hstack([sparse.csr_matrix((v == k).astype(np.float32))
+                                                for k in range(1, T + 1)]).tocsr()
+                              for p, v in lev.items()}
+            for Tf in (8, 16):
+                e = LatencyEncoder(Tf, enc.n_genes, enc.clip).fit(zs["ref"], enc.floor)
+                feats[f"levels-T{Tf}"] = {
+                    p: sparse.csr_matrix(e.levels(z).numpy().astype(np.float32) * (T / Tf))
+                    for p, z in zs.items()}
+            fits = [("z", "z", False), ("z-bal", "z", True), ("levels", "levels", False),
+                    ("levels-bal", "levels", True), ("detected", "detected", False),
+                    ("steps", "steps", False), ("steps-bal", "steps", True),
+                    ("levels-T8", "levels-T8", False), ("levels-T16", "levels-T16", False)]
+        res = {col: _fit_score(feats[f]["ref"], yr, feats[f]["query"], yq, balanced=b)
+               for col, f, b in fits}
         print(f"| {name} | " + " | ".join(f"{res[c]:.3f}" for c in res) + " |", flush=True)
         print(json.dumps({"task": name, "split": split.name, **res}), file=sys.stderr)
 

@@ -1,7 +1,9 @@
 """What each path of a ``--skip`` network decides: macro-F1 of the whole readout, of the
 input-to-readout synapses alone and of the hidden HIFI layers alone, on the first split of
 every task of ``hifi_claims.py`` (training seed 0, default settings plus ``skip=True`` and
-``skip_hidden_gain=1``, so that the hidden path is the one training left).
+``skip_hidden_gain=1``, so that the hidden path is the one training left; the skip fit's
+class weights are ``--skip-class-weight``, default ``none``, the setting the tables of
+``docs/benchmarks.md`` section 8 were measured with).
 
 The readout is the sum of the two paths' logits; each path alone is scored from its own
 logits (the hidden path's includes the output bias). ``sd ratio`` is the spread of the
@@ -42,6 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", type=Path, default=hc.DEFAULT_DATA)
     ap.add_argument("--tasks", default=None)
+    ap.add_argument("--skip-class-weight", default="none", choices=("none", "balanced"))
     ap.add_argument("--gains", default=None,
                     help="comma-separated hidden-path gains for the second table")
     args = ap.parse_args()
@@ -57,7 +60,8 @@ def main() -> None:
         desc, label, make = table[name]
         split = next(iter(make()))
         model = bm.train_method(split, label, 0, {"device": "cpu", "progress": False,
-                                                  "skip": True, "skip_hidden_gain": 1.0})
+                                                  "skip": True, "skip_hidden_gain": 1.0,
+                                                  "skip_class_weight": args.skip_class_weight})
         net = model.network.eval()
         classes = np.asarray(model.classes)
 

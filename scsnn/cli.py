@@ -294,7 +294,7 @@ def train(
         "layers train) or 'joint' (from zero, with the other synapses).")] = "logreg",
     skip_class_weight: Annotated[str, typer.Option(
         "--skip-class-weight", help="With --skip-fit logreg: 'none' (every reference cell "
-        "counts once) or 'balanced' (every class weighs the same in the fit).")] = "none",
+        "counts once) or 'balanced' (every class weighs the same in the fit).")] = "balanced",
     skip_hidden_gain: Annotated[float, typer.Option(
         "--skip-hidden-gain", min=0.0, max=1.0, help="With --skip-fit logreg: the share of the "
         "hidden layers' correction kept in the readout after training (their output synapses "
