@@ -40,6 +40,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -177,12 +178,12 @@ def run_job(data_dir: str, folds: int, task: str, method: str, encoder: str | No
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     """``NAME:key=value,...`` -> (NAME, settings); values are read as JSON where they
-    parse (numbers, true/false, lists), else kept as strings."""
+    parse (numbers, true/false, lists such as ``hidden=[256,64]``), else kept as strings."""
     name, _, spec = text.partition(":")
     if not name or name in TABLES["main"]["methods"] or "|" in name:
         raise SystemExit(f"--variant {text!r}: give a new name before the colon")
     settings: dict[str, Any] = {}
-    for kv in filter(None, spec.split(",")):
+    for kv in filter(None, re.split(r",(?![^\[]*\])", spec)):  # commas inside [...] kept
         k, eq, val = kv.partition("=")
         if not eq:
             raise SystemExit(f"--variant {text!r}: {kv!r} is not key=value")

@@ -10,7 +10,9 @@ Features, all on scsnn's gene space of the task (fitted with the default setting
 * ``steps`` (with ``--more``): the spike trains themselves, one feature per gene and step
   (a readout synapse of its own for each step, i.e. any function of a gene's level);
 * ``levels-T8``, ``levels-T16`` (with ``--more``): the latency levels of an encoder of 8 or
-  16 steps fitted on the same cells (finer equal-frequency bins), scaled to 0 .. 4.
+  16 steps fitted on the same cells (finer equal-frequency bins), scaled to 0 .. 4;
+* ``z+levels`` (with ``--more``): both side by side (a read of the analog input and of the
+  spike code at once).
 
 scikit-learn ``LogisticRegression(C=1, max_iter=1000)`` fitted on all reference cells of the
 split (``-bal`` columns: ``class_weight="balanced"``), macro-F1 on its query cells.
@@ -93,7 +95,7 @@ def main() -> None:
         print("|---|---|" + "---|" * (len(head) + 2))
     elif args.more:
         cols = ["z", "z-bal", "levels", "levels-bal", "detected", "steps", "steps-bal",
-                "levels-T8", "levels-T16"]
+                "levels-T8", "levels-T16", "z+levels"]
         print("| task | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
     else:
         print("| task | z | levels | detected |\n|---|---|---|---|")
@@ -131,10 +133,12 @@ def main() -> None:
                 feats[f"levels-T{Tf}"] = {
                     p: sparse.csr_matrix(e.levels(z).numpy().astype(np.float32) * (T / Tf))
                     for p, z in zs.items()}
+            feats["z+levels"] = {p: np.hstack([zs[p].numpy(), lev[p]]) for p in zs}
             fits = [("z", "z", False), ("z-bal", "z", True), ("levels", "levels", False),
                     ("levels-bal", "levels", True), ("detected", "detected", False),
                     ("steps", "steps", False), ("steps-bal", "steps", True),
-                    ("levels-T8", "levels-T8", False), ("levels-T16", "levels-T16", False)]
+                    ("levels-T8", "levels-T8", False), ("levels-T16", "levels-T16", False),
+                    ("z+levels", "z+levels", False)]
         res = {col: _fit_score(feats[f]["ref"], yr, feats[f]["query"], yq, balanced=b)
                for col, f, b in fits}
         print(f"| {name} | " + " | ".join(f"{res[c]:.3f}" for c in res) + " |", flush=True)

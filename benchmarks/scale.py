@@ -3,6 +3,7 @@
     python benchmarks/scale.py --sizes 10000,100000 --out docs/benchmark_results/scale
     python benchmarks/scale.py --sizes 1000000 --max-train-cells 100000 --out ...
     python benchmarks/scale.py --sizes 100000 --timesteps 2,4,8 --skip-celltypist --out ...
+    python benchmarks/scale.py --step scsnn-train --ref R --model M --settings '{"skip": true}'
 
 For every N: a synthetic reference of N cells and a query of N cells (3,000 genes, 20 types,
 the rarest at 0.2 %; `scsnn dataset synthetic`, written block by block) at each --sparsity
@@ -84,7 +85,7 @@ def step_scsnn_train(a: argparse.Namespace) -> dict:
         ref = scsnn.read_h5ad(a.ref)
     model = scsnn.tl.train(ref, "cell_type", seed=a.seed, device="cpu", progress=False,
                            stream_from=a.ref if a.stream_train else None,
-                           **scsnn.tl.configs(timesteps=a.t))
+                           **scsnn.tl.configs(timesteps=a.t, **json.loads(a.settings or "{}")))
     model.save(a.model)
     wall = time.perf_counter() - t
     return {"seconds": wall, "peak_rss_mb": _peak_mb(), "cells": int(ref.n_obs),
@@ -226,6 +227,9 @@ def main() -> None:
     ap.add_argument("--t", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0, help="training seed of a scsnn-train step")
+    ap.add_argument("--settings", default=None, help="scsnn-train step: other training "
+                    "settings, a JSON object of flat names of scsnn.tl.configs, e.g. "
+                    "'{\"skip\": true, \"hidden\": [256, 64]}'")
     ap.add_argument("--max-train-cells", type=int, default=None)
     ap.add_argument("--stream-train", type=int, default=0,
                     help="1: draw the training mini-batches from the file on disk "
