@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -172,7 +173,7 @@ def main() -> None:
         for v in args.variant:
             name, _, spec = v.partition(":")
             settings = {}
-            for kv in filter(None, spec.split(",")):
+            for kv in filter(None, re.split(r",(?![^\[]*\])", spec)):  # [a,b] kept whole
                 k, _, val = kv.partition("=")
                 try:
                     settings[k] = json.loads(val)
