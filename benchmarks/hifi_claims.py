@@ -239,14 +239,15 @@ def run_variants(args: argparse.Namespace) -> None:
     done = _done(args.out / "rows.jsonl")
     jobs = []
     for name, settings in (parse_variant(v) for v in args.variant):
+        enc = settings.get("encoder", args.encoder)  # a variant may set its own encoder
         for task in names:
             for seed in seeds:
-                keys = [_key(task, name, args.encoder, seed)]
+                keys = [_key(task, name, enc, seed)]
                 extra = {"both": ["+adabn"], "all": ["+adabn", "+adabn-rw"]}.get(
                     settings.get("adapt_batchnorm"), [])
-                keys += [_key(task, name + x, args.encoder, seed) for x in extra]
+                keys += [_key(task, name + x, enc, seed) for x in extra]
                 if not all(k in done for k in keys):
-                    jobs.append((task, "hifi", args.encoder, seed, name, settings))
+                    jobs.append((task, "hifi", enc, seed, name, settings))
     print(f"variants: {len(jobs)} jobs to run", flush=True)
     _run_jobs(jobs, args)
 
@@ -376,9 +377,11 @@ def report(args: argparse.Namespace) -> None:
         lines_all.append(text)
     known = {m for spec in TABLES.values() for m in spec["methods"]}
     variants = []
-    for rec in records:
-        if rec["method"] not in known and rec["method"] not in variants:
-            variants.append(rec["method"])
+    for rec in records:  # named as summaries() names them: NAME@ENCODER off the default
+        enc = rec["encoder"]
+        name = rec["method"] if enc in (None, args.encoder) else f"{rec['method']}@{enc}"
+        if rec["method"] not in known and name not in variants:
+            variants.append(name)
     if variants:
         text = _variants_table(summ, order, variants)
         (args.out / "variants.md").write_text(text)
