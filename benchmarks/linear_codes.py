@@ -38,18 +38,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0)
 
 
-def _fit_score(X, y, Xq, yq, *, C=1.0, balanced=False) -> float:
+def _logreg(C: float, balanced: bool):
     from sklearn.linear_model import LogisticRegression
 
+    return LogisticRegression(C=C, max_iter=1000, class_weight="balanced" if balanced else None)
+
+
+def _fit_score(X, y, Xq, yq, *, C=1.0, balanced=False) -> float:
     from scsnn.evaluate import classification_report
 
-    clf = LogisticRegression(C=C, max_iter=1000,
-                             class_weight="balanced" if balanced else None).fit(X, y)
-    return classification_report(yq, clf.predict(Xq))["macro_f1"]
+    return classification_report(yq, _logreg(C, balanced).fit(X, y).predict(Xq))["macro_f1"]
 
 
 def _c_grid(X, y, Xq, yq, balanced: bool) -> dict:
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
     from sklearn.model_selection import StratifiedKFold
 
@@ -57,12 +58,9 @@ def _c_grid(X, y, Xq, yq, balanced: bool) -> dict:
     folds = list(StratifiedKFold(3, shuffle=True, random_state=0).split(np.zeros(len(y)), y))
     for C in C_GRID:
         query[C] = _fit_score(X, y, Xq, yq, C=C, balanced=balanced)
-        s = []
-        for tr, te in folds:
-            clf = LogisticRegression(C=C, max_iter=1000,
-                                     class_weight="balanced" if balanced else None)
-            s.append(f1_score(y[te], clf.fit(X[tr], y[tr]).predict(X[te]), average="macro"))
-        cv[C] = float(np.mean(s))
+        cv[C] = float(np.mean([
+            f1_score(y[te], _logreg(C, balanced).fit(X[tr], y[tr]).predict(X[te]),
+                     average="macro") for tr, te in folds]))
     pick = max(C_GRID, key=lambda c: cv[c])
     return {"query": query, "cv": cv, "pick": pick}
 

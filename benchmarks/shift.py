@@ -23,12 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
+import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hifi_claims import parse_variant  # noqa: E402
 
 BASELINES = ("logreg", "logreg-balanced", "celltypist")
 
@@ -170,15 +173,8 @@ def main() -> None:
         variants: list[tuple[str, str, dict[str, Any]]] = []
         for m in args.methods.split(","):
             variants.append((m, m, {}))
-        for v in args.variant:
-            name, _, spec = v.partition(":")
-            settings = {}
-            for kv in filter(None, re.split(r",(?![^\[]*\])", spec)):  # [a,b] kept whole
-                k, _, val = kv.partition("=")
-                try:
-                    settings[k] = json.loads(val)
-                except ValueError:
-                    settings[k] = val
+        for v in args.variant:  # the same NAME:key=value,... syntax and checks
+            name, settings = parse_variant(v)
             variants.append((name, "hifi", settings))
         rows_file = args.out / "rows.jsonl"
         done = ({json.loads(x)["key"] for x in rows_file.read_text().splitlines() if x}
