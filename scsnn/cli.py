@@ -244,7 +244,7 @@ def train(
                                         "encoder.")] = 128,
     epochs: Annotated[int, typer.Option(min=1, help="Maximum training epochs.")] = 40,
     neuron: Annotated[Neuron, typer.Option(help="Neuron model.")] = Neuron.hifi,
-    hidden: Annotated[str, typer.Option(help="Hidden layer widths.")] = "512,128",
+    hidden: Annotated[str, typer.Option(help="Hidden layer widths.")] = "128,32",
     n_hvg: Annotated[int, typer.Option(min=1, help="Highly variable genes to keep.")] = 2000,
     n_markers: Annotated[int, typer.Option(min=0, help="Top marker genes kept per class.")] = 25,
     pair_markers: Annotated[int, typer.Option(
@@ -287,7 +287,7 @@ def train(
     skip: Annotated[bool, typer.Option(
         "--skip/--no-skip", help="Input-to-readout synapses: every input spike also drives the "
         "output layer directly, a linear read of the spike code beside the hidden spiking "
-        "layers.")] = False,
+        "layers.")] = True,
     skip_fit: Annotated[str, typer.Option(
         "--skip-fit", help="How the input-to-readout synapses are learnt: 'logreg' (first, by "
         "L2 logistic regression on the spike counts, then held fixed while the hidden "

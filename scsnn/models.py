@@ -78,7 +78,7 @@ class NetworkConfig:
 
     n_genes: int = 0
     n_classes: int = 0
-    hidden: tuple[int, ...] = (512, 128)
+    hidden: tuple[int, ...] = (128, 32)
     timesteps: int = 4
     encoder: str = "latency"
     rank_n: int = 128
@@ -92,7 +92,7 @@ class NetworkConfig:
     input_dropout: float = 0.2
     clip: float = 10.0
     ensemble: int = 1
-    skip: bool = False
+    skip: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -102,8 +102,17 @@ class NetworkConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> NetworkConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        known["hidden"] = tuple(int(h) for h in known.get("hidden", (512, 128)))
+        # a setting a model file lacks was written before the setting existed: it takes the
+        # value every model had then, not today's default
+        for key, value in _LEGACY_NETWORK.items():
+            known.setdefault(key, value)
+        known["hidden"] = tuple(int(h) for h in known["hidden"])
         return cls(**known)
+
+
+# What model files written before a NetworkConfig field existed (or before its default
+# changed and files always recorded it) ran with.
+_LEGACY_NETWORK: dict[str, Any] = {"hidden": (512, 128), "skip": False}
 
 
 @dataclass

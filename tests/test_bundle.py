@@ -309,3 +309,25 @@ def test_schema_1_models_load_or_are_refused_clearly(tmp_path):
     _edit_meta(d, lambda meta: meta["network"].update(encoder="latency"))
     msg = _load_error(d)
     assert "'latency' encoder of model schema 1" in msg and "train the model again" in msg
+
+
+def test_model_files_without_newer_settings_load_as_they_were_trained(tmp_path):
+    # model files written before `skip` existed, or before the hidden widths were recorded,
+    # ran without input-to-readout synapses at 512-128: they must not take today's defaults
+    assert NetworkConfig().skip and NetworkConfig().hidden == (128, 32)
+    rng = np.random.default_rng(0)
+    gs = GeneSpace(genes=[f"g{i}" for i in range(20)], mean=rng.random(20).astype(np.float32),
+                   std=np.ones(20, dtype=np.float32))
+    cfg = _cfg(encoder="direct", hidden=(512, 128), skip=False)
+    m = ScsnnModel(gs, ["A", "B", "C"], build_network(cfg).eval(), cfg)
+    d = m.save(tmp_path / "old")
+
+    def as_older_file(meta):
+        del meta["network"]["skip"]
+        del meta["network"]["hidden"]
+
+    _edit_meta(d, as_older_file)
+    loaded = ScsnnModel.load(d)
+    assert not loaded.config.skip and loaded.config.hidden == (512, 128)
+    np.testing.assert_array_equal(predict(loaded.network, _cells(), gs).logits,
+                                  predict(m.network, _cells(), gs).logits)
