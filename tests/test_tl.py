@@ -469,7 +469,9 @@ def test_outputs_write_cleanly_for_any_class_name(odd_model_and_query, tmp_path)
 
 
 def test_rank_genes_groups_on_annotated_pbmc_and_no_write_warning(pbmc, pbmc_model, tmp_path):
-    # a cut that leaves some class without a cell: its category must be gone
+    # cells of two true types: most classes get no cell, and their categories must be gone
+    two = pbmc.obs["bulk_labels"].value_counts().index[:2]
+    pbmc = pbmc[pbmc.obs["bulk_labels"].isin(two).to_numpy()].copy()
     scsnn.tl.annotate(pbmc, pbmc_model, device="cpu", min_confidence=0.5)
     pred = pbmc.obs[KEY]
     assert set(pred.cat.categories) == set(pred.astype(str))  # no empty category
@@ -562,11 +564,12 @@ def test_majority_voting_with_a_computed_over_clustering(pbmc, pbmc_model):
     b = scsnn.tl.annotate(pbmc, pbmc_model, device="cpu", copy=True, majority_voting=True)
     assert list(b.obs[f"{KEY}_over_clustering"]) == list(oc)
     assert "connectivities" not in pbmc.obsp and KEY not in pbmc.obs
-    # voting over clusters of cells of one type agrees with the truth at least as often
+    # a vote can be no more right than its cluster is pure: it gets near that bound (the
+    # share of cells whose cluster's commonest true type is their own)
     truth = a.obs["cell_type"].astype(str)
-    acc = (a.obs[KEY].astype(str) == truth).mean()
+    purity = truth.groupby(oc.to_numpy()).agg(lambda t: t.value_counts().iloc[0]).sum() / len(a)
     acc_mv = (a.obs[f"{KEY}_majority_voting"].astype(str) == truth).mean()
-    assert acc_mv > acc - 0.1
+    assert purity - 0.1 < acc_mv <= purity + 1e-9
 
 
 def test_majority_voting_bad_input_is_refused(pbmc, pbmc_model):
