@@ -35,12 +35,15 @@ def _clock():
     return time.perf_counter()
 
 
-def _rest(net, seq, T):
-    """The network after its first layer (what ``forward_steps`` runs)."""
+def _rest(net, seq, skip, T):
+    """The network after its first layer (what ``forward_steps`` runs), with the input's
+    drive of the readout (``skip``) added to the hidden path's."""
     s = net.spiking[0](seq)
     for i in range(1, len(net.fcs)):
         s = net.spiking[i](net._layer(i, net.dropout(s)))
     out = net.head(net.dropout(s))
+    if skip is not None:
+        out = out + skip
     import torch
 
     steps = torch.arange(1, T + 1, dtype=out.dtype).view(T, 1, 1)
@@ -48,13 +51,17 @@ def _rest(net, seq, T):
 
 
 def _first_layer(net, xb, path):
-    """The first layer (with its batch norm): encoder + dense linear, or event-driven."""
+    """The first layer (with its batch norm): encoder + dense linear, or event-driven; and
+    with input-to-readout synapses, the input's drive of the readout after each step."""
     from spikingjelly.activation_based import functional
 
     functional.reset_net(net)
     if path == "dense":
-        return net._layer(0, net.encode(xb))
-    return net._sparse_first_layer(xb)[0]
+        spikes = net.encode(xb)
+        skip = None if net.skip is None else net.skip(spikes).cumsum(0)
+        return net._layer(0, spikes), skip
+    seq, _, skip = net._sparse_first_layer(xb)
+    return seq, skip
 
 
 def annotate_breakdown(model, query: Path, batch_size: int, chunk: int, paths) -> dict:
@@ -97,9 +104,9 @@ def annotate_breakdown(model, query: Path, batch_size: int, chunk: int, paths) -
                     else:
                         xb = sparse_batch(gs, X[s : s + batch_size], present, absent="zero")
                     c1 = _clock()
-                    seq = _first_layer(net, xb, path)
+                    seq, skip = _first_layer(net, xb, path)
                     c2 = _clock()
-                    y = _rest(net, seq, T)
+                    y = _rest(net, seq, skip, T)
                     c3 = _clock()
                     t["scale"] += c1 - c0
                     t["first_layer"] += c2 - c1
@@ -159,9 +166,9 @@ def train_breakdown(model, reference: Path, label_key: str, n_batches: int,
             else:
                 xb = SparseCells.from_numpy(*cells.sparse_rows(idx))
             c1 = _clock()
-            seq = _first_layer(net, xb, path)
+            seq, skip = _first_layer(net, xb, path)
             c2 = _clock()
-            logits = _rest(net, seq, T)[-1]
+            logits = _rest(net, seq, skip, T)[-1]
             c3 = _clock()
             loss = F.cross_entropy(logits, y[idx])
             opt.zero_grad(set_to_none=True)
