@@ -12,7 +12,10 @@ Features, all on scsnn's gene space of the task (fitted with the default setting
 * ``levels-T8``, ``levels-T16`` (with ``--more``): the latency levels of an encoder of 8 or
   16 steps fitted on the same cells (finer equal-frequency bins), scaled to 0 .. 4;
 * ``z+levels`` (with ``--more``): both side by side (a read of the analog input and of the
-  spike code at once).
+  spike code at once);
+* ``rank-bal``, ``levels+rank-bal`` (with ``--more``): the spike counts that the rank code
+  (N-of-M, N = 128, T steps) sends through the skip synapses (``T - step`` of each of a cell's
+  N most outstanding detected genes), alone and beside the latency levels, class-balanced.
 
 scikit-learn ``LogisticRegression(C=1, max_iter=1000)`` fitted on all reference cells of the
 split (``-bal`` columns: ``class_weight="balanced"``), macro-F1 on its query cells.
@@ -72,7 +75,7 @@ def main() -> None:
 
     import hifi_claims as hc
     from scsnn import benchmark as bm
-    from scsnn.encoding import LatencyEncoder
+    from scsnn.encoding import LatencyEncoder, RankEncoder
     from scsnn.io import get_expression
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -93,7 +96,7 @@ def main() -> None:
         print("|---|---|" + "---|" * (len(head) + 2))
     elif args.more:
         cols = ["z", "z-bal", "levels", "levels-bal", "detected", "steps", "steps-bal",
-                "levels-T8", "levels-T16", "z+levels"]
+                "levels-T8", "levels-T16", "z+levels", "rank-bal", "levels+rank-bal"]
         print("| task | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
     else:
         print("| task | z | levels | detected |\n|---|---|---|---|")
@@ -132,11 +135,18 @@ def main() -> None:
                     p: sparse.csr_matrix(e.levels(z).numpy().astype(np.float32) * (T / Tf))
                     for p, z in zs.items()}
             feats["z+levels"] = {p: np.hstack([zs[p].numpy(), lev[p]]) for p in zs}
+            rank = RankEncoder(T, enc.n_genes, enc.clip).fit(zs["ref"], enc.floor)
+            feats["rank"] = {p: sparse.vstack([  # blocks: the code is T x cells x genes
+                sparse.csr_matrix((rank(z[i : i + 4096]).cumsum(0).mean(0) * T).numpy())
+                for i in range(0, len(z), 4096)]).tocsr() for p, z in zs.items()}
+            feats["levels+rank"] = {p: sparse.hstack([levels[p], feats["rank"][p]]).tocsr()
+                                    for p in zs}
             fits = [("z", "z", False), ("z-bal", "z", True), ("levels", "levels", False),
                     ("levels-bal", "levels", True), ("detected", "detected", False),
                     ("steps", "steps", False), ("steps-bal", "steps", True),
                     ("levels-T8", "levels-T8", False), ("levels-T16", "levels-T16", False),
-                    ("z+levels", "z+levels", False)]
+                    ("z+levels", "z+levels", False), ("rank-bal", "rank", True),
+                    ("levels+rank-bal", "levels+rank", True)]
         res = {col: _fit_score(feats[f]["ref"], yr, feats[f]["query"], yq, balanced=b)
                for col, f, b in fits}
         print(f"| {name} | " + " | ".join(f"{res[c]:.3f}" for c in res) + " |", flush=True)
