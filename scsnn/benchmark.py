@@ -336,11 +336,13 @@ def summarise(rows: list[dict[str, Any]], methods: Sequence[str],
 
 def tie(a: dict[str, Any], b: dict[str, Any], key: str = "macro_f1") -> bool:
     """Whether two summaries differ by less than the larger of their seed-to-seed standard
-    deviations (a tie), for ``key``."""
+    deviations (a tie), for ``key``; equal means (e.g. two deterministic methods with the
+    same predictions, sd 0) are a tie too."""
     if key not in a or key not in b:
         return False
     spread = max(a.get(f"{key}_sd", 0.0), b.get(f"{key}_sd", 0.0))
-    return abs(a[key] - b[key]) < spread
+    diff = abs(a[key] - b[key])
+    return diff < spread or diff <= 1e-12
 
 
 def markdown(result: dict[str, Any], title: str = "") -> str:

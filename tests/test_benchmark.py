@@ -84,3 +84,14 @@ def test_cli_benchmark_writes_table(data, tmp_path):
     res = json.loads((tmp_path / "bm" / "benchmark.json").read_text())
     assert {s["method"] for s in res["summary"]} == {"hifi", "logreg"}
     assert np.isfinite(res["summary"][0]["macro_f1"])
+
+
+def test_tie_is_a_difference_under_the_larger_seed_spread():
+    from scsnn.benchmark import tie
+
+    a = {"macro_f1": 0.90, "macro_f1_sd": 0.02}
+    assert tie(a, {"macro_f1": 0.91, "macro_f1_sd": 0.0})  # 0.01 under a's sd
+    assert not tie(a, {"macro_f1": 0.95, "macro_f1_sd": 0.01})
+    # equal means with no spread (the same predictions) are a tie, not a win or a loss
+    assert tie({"macro_f1": 0.993, "macro_f1_sd": 0.0}, {"macro_f1": 0.993, "macro_f1_sd": 0.0})
+    assert not tie({"macro_f1": 0.993, "macro_f1_sd": 0.0}, {"macro_f1": 0.992})
