@@ -433,7 +433,12 @@ class BiLevelTrainer:
         blocks = []
         with torch.no_grad():
             for s in range(0, len(rows), 4096):
-                z = torch.from_numpy(cells.rows(rows[s : s + 4096])).to(self.device)
+                part = rows[s : s + 4096]
+                levels = self._skip_levels(network, cells, part)
+                if levels is not None:
+                    blocks.append(levels)
+                    continue
+                z = torch.from_numpy(cells.rows(part)).to(self.device)
                 f = (network.input_trace(z) * T).cpu().numpy()
                 # spike counts are mostly zero: kept sparse; analog input is dense
                 blocks.append(f if analog else sparse.csr_matrix(f))
@@ -452,6 +457,29 @@ class BiLevelTrainer:
         with torch.no_grad():
             network.skip.weight.copy_(torch.from_numpy(coef * T).to(network.skip.weight))
         network.skip.weight.requires_grad_(False)
+
+    @staticmethod
+    def _skip_levels(network: nn.Module, cells: CellRows, rows: np.ndarray):
+        """With the latency code, the spike counts that reach the readout are the levels of
+        the detected genes (0 .. T; ``T * input_trace``), read from the stored entries of
+        sparse rows as a CSR matrix without densifying the cells; None where that does not
+        apply (another encoder, or a provider without sparse rows)."""
+        from scipy import sparse
+
+        if network.cfg.encoder != "latency" or not hasattr(cells, "sparse_rows"):
+            return None
+        indptr, indices, values, base = cells.sparse_rows(rows)
+        enc = network.encoder
+        dev = enc.floor.device
+        if not enc.silent(torch.from_numpy(np.asarray(base, dtype=np.float32)).to(dev)):
+            return None
+        level = enc.entry_levels(torch.from_numpy(np.asarray(values, dtype=np.float32)).to(dev),
+                                 torch.from_numpy(np.asarray(indices, dtype=np.int64)).to(dev))
+        m = sparse.csr_matrix((level.cpu().numpy().astype(np.float32), indices, indptr),
+                              shape=(len(rows), network.cfg.n_genes))
+        m.eliminate_zeros()
+        m.sort_indices()
+        return m
 
     def _predict(self, network: nn.Module, cells: CellRows, rows: np.ndarray) -> np.ndarray:
         """Logits of the network on the given cells, in eval mode (under DDP: each rank

@@ -198,3 +198,27 @@ def test_balanced_skip_fit_reweights_the_classes(skip_model, _pbmc_session):
     with pytest.raises(InputError, match="skip_class_weight"):
         scsnn.tl.train(_pbmc_session, "cell_type",
                        **small(skip=True, skip_class_weight="inverse"))
+
+
+@pytest.mark.parametrize("T", [4, 6])
+def test_skip_fit_reads_the_latency_levels_from_sparse_rows(T):
+    """The skip fit's features (the spike counts T * input_trace) come from the stored
+    entries without densifying the cells; they equal the dense computation."""
+    from scsnn.pp import ScaledCells
+    from scsnn.training import BiLevelTrainer as Trainer
+
+    gs, X = _gene_space(), _counts()
+    net = _network("latency", gs, X, skip=True)
+    if T != 4:
+        cfg = NetworkConfig(n_genes=G, n_classes=4, hidden=(16, 8), timesteps=T, skip=True)
+        net = build_network(cfg, seed=0)
+        net.encoder.fit(torch.from_numpy(gs.scale(X)), torch.from_numpy(gs.floor()))
+    cells = ScaledCells(X, gs)
+    rows = np.arange(0, X.shape[0], 2)
+    levels = Trainer._skip_levels(net, cells, rows)
+    with torch.no_grad():
+        dense = (net.input_trace(torch.from_numpy(cells.rows(rows))) * T).numpy()
+    np.testing.assert_allclose(levels.toarray(), dense, rtol=0, atol=1e-5)
+    assert levels.nnz == np.count_nonzero(np.round(dense))
+    # another encoder: not this path
+    assert Trainer._skip_levels(_network("rank", gs, X, skip=True), cells, rows) is None
