@@ -466,10 +466,12 @@ class BiLevelTrainer:
         apply (another encoder, or a provider without sparse rows)."""
         from scipy import sparse
 
-        if network.cfg.encoder != "latency" or not hasattr(cells, "sparse_rows"):
+        # analog input (the ANN twin, direct encoding) is read as it is
+        if (is_analog(network) or network.cfg.encoder != "latency"
+                or not hasattr(cells, "sparse_rows")):
             return None
-        indptr, indices, values, base = cells.sparse_rows(rows)
         enc = network.encoder
+        indptr, indices, values, base = cells.sparse_rows(rows)
         dev = enc.floor.device
         if not enc.silent(torch.from_numpy(np.asarray(base, dtype=np.float32)).to(dev)):
             return None

@@ -222,3 +222,6 @@ def test_skip_fit_reads_the_latency_levels_from_sparse_rows(T):
     assert levels.nnz == np.count_nonzero(np.round(dense))
     # another encoder: not this path
     assert Trainer._skip_levels(_network("rank", gs, X, skip=True), cells, rows) is None
+    # the ANN twin (no encoder: its skip synapses read z): not this path either
+    cfg = NetworkConfig(n_genes=G, n_classes=4, hidden=(16, 8), neuron="ann", skip=True)
+    assert Trainer._skip_levels(build_network(cfg, seed=0), cells, rows) is None
