@@ -21,9 +21,12 @@ scikit-learn ``LogisticRegression(C=1, max_iter=1000)`` fitted on all reference 
 split (``-bal`` columns: ``class_weight="balanced"``), macro-F1 on its query cells.
 ``--c-grid`` prints instead, for the levels, the query macro-F1 at C = 0.1, 0.3, 1, 3, 10 and
 the C that a 3-fold cross-validation on the reference picks (macro-F1), unweighted and
-balanced.
+balanced. ``--convergence`` prints, for the class-balanced fit of the levels (what ``--skip``
+fits), the query macro-F1 at scikit-learn's default tolerance (``tol=1e-4``, where L-BFGS
+stops after a few dozen iterations, as in scsnn's skip fit) and fitted to convergence
+(``tol=1e-8``) at C = 1, 0.3, 0.1, 0.03, 0.01, with the iterations each took at C = 1.
 
-    python benchmarks/linear_codes.py [--tasks a,b] [--more | --c-grid] [--data-dir ../shared/data]
+    python benchmarks/linear_codes.py [--tasks a,b] [--more | --c-grid | --convergence] [--data-dir ../shared/data]
 """
 
 from __future__ import annotations
@@ -45,6 +48,23 @@ def _logreg(C: float, balanced: bool):
     from sklearn.linear_model import LogisticRegression
 
     return LogisticRegression(C=C, max_iter=1000, class_weight="balanced" if balanced else None)
+
+
+CONVERGENCE_FITS = [("tol 1e-4, C 1", 1.0, 1e-4)] + [
+    (f"converged, C {c:g}", c, 1e-8) for c in (1.0, 0.3, 0.1, 0.03, 0.01)]
+
+
+def _convergence(X, y, Xq, yq) -> tuple[list[float], list[int]]:
+    from sklearn.linear_model import LogisticRegression
+
+    from scsnn.evaluate import classification_report
+
+    f1s, iters = [], []
+    for _, C, tol in CONVERGENCE_FITS:
+        clf = LogisticRegression(C=C, max_iter=5000, tol=tol, class_weight="balanced").fit(X, y)
+        f1s.append(classification_report(yq, clf.predict(Xq))["macro_f1"])
+        iters.append(int(np.max(clf.n_iter_)))
+    return f1s, iters
 
 
 def _fit_score(X, y, Xq, yq, *, C=1.0, balanced=False) -> float:
@@ -85,12 +105,18 @@ def main() -> None:
                     "per-step spike trains and finer latency codes")
     ap.add_argument("--c-grid", action="store_true", help="the levels' fit at five C values "
                     "and the C a 3-fold CV on the reference picks")
+    ap.add_argument("--convergence", action="store_true", help="the balanced levels' fit at "
+                    "the default tolerance and converged, at five C values")
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", ConvergenceWarning)
     table = hc.tasks(args.data_dir, 5, 0)
     names = args.tasks.split(",") if args.tasks else list(table)
-    if args.c_grid:
+    if args.convergence:
+        print("| task | " + " | ".join(f[0] for f in CONVERGENCE_FITS)
+              + " | iterations at C 1: tol 1e-4 / converged |")
+        print("|---|" + "---|" * (len(CONVERGENCE_FITS) + 1))
+    elif args.c_grid:
         head = ["C " + f"{c:g}" for c in C_GRID]
         print("| task | weights | " + " | ".join(head) + " | CV picks | query at the pick |")
         print("|---|---|" + "---|" * (len(head) + 2))
@@ -113,6 +139,13 @@ def main() -> None:
         yq = split.query.obs[label].astype(str).to_numpy()
         lev = {p: enc.levels(z).numpy().astype(np.float32) for p, z in zs.items()}
         levels = {p: sparse.csr_matrix(v) for p, v in lev.items()}
+        if args.convergence:
+            f1s, iters = _convergence(levels["ref"], yr, levels["query"], yq)
+            print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in f1s)
+                  + f" | {iters[0]} / {iters[1]} |", flush=True)
+            print(json.dumps({"task": name, "macro_f1": f1s, "iterations": iters}),
+                  file=sys.stderr)
+            continue
         if args.c_grid:
             for balanced in (False, True):
                 g = _c_grid(levels["ref"], yr, levels["query"], yq, balanced)
