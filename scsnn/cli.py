@@ -295,6 +295,10 @@ def train(
     skip_class_weight: Annotated[str, typer.Option(
         "--skip-class-weight", help="With --skip-fit logreg: 'none' (every reference cell "
         "counts once) or 'balanced' (every class weighs the same in the fit).")] = "balanced",
+    skip_fit_steps: Annotated[int, typer.Option(
+        "--skip-fit-steps", min=0, help="With --skip-fit logreg: 0 (scikit-learn's solver at "
+        "its default tolerance) or K (K L-BFGS steps from zero, the same synapses "
+        "on every machine and library version).")] = 0,
     skip_hidden_gain: Annotated[float, typer.Option(
         "--skip-hidden-gain", min=0.0, max=1.0, help="With --skip-fit logreg: the share of the "
         "hidden layers' correction kept in the readout after training (their output synapses "
@@ -343,7 +347,7 @@ def train(
         augment_depth=augment_depth, augment_gene_noise=augment_gene_noise,
         logit_adjust=logit_adjust, step_loss=step_loss, ensemble=ensemble, skip=skip,
         skip_fit=skip_fit, skip_hidden_gain=skip_hidden_gain,
-        skip_class_weight=skip_class_weight,
+        skip_class_weight=skip_class_weight, skip_fit_steps=skip_fit_steps,
     )
     model = tl.train(
         adata, label_key, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, seed=seed,

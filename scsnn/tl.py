@@ -329,6 +329,9 @@ def _check_robustness(pcfg: PreprocessConfig, tcfg: TrainConfig) -> None:
                          f"{tcfg.skip_class_weight!r}")
     if not 0.0 <= float(tcfg.skip_hidden_gain) <= 1.0:
         raise InputError(f"skip_hidden_gain must be in [0, 1], got {tcfg.skip_hidden_gain}")
+    if int(tcfg.skip_fit_steps) < 0 or int(tcfg.skip_fit_steps) != tcfg.skip_fit_steps:
+        raise InputError("skip_fit_steps must be a whole number >= 0 (0: scikit-learn's "
+                         f"solver), got {tcfg.skip_fit_steps}")
     if int(pcfg.n_pair_markers) < 0:
         raise InputError(f"n_pair_markers must be >= 0 (0: none), got {pcfg.n_pair_markers}")
 

@@ -49,7 +49,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import distributed
-from .models import SparseCells, is_analog
+from .models import SparseCells, is_analog, torch_threads_kept
 from .neurons import neuron_summary
 
 logger = logging.getLogger("scsnn")
@@ -68,6 +68,51 @@ class CellRows(Protocol):
     def digest(self) -> str:
         """Identifies the cells (for the check that every process reads the same ones)."""
         ...
+
+
+def lbfgs_logreg(X, y: np.ndarray, n_classes: int, steps: int, *, balanced: bool,
+                 C: float = 1.0) -> np.ndarray:
+    """Multinomial logistic regression with an L2 penalty, by ``steps`` L-BFGS iterations
+    from zero (torch's ``LBFGS``: fewer only where its 1.25 x ``steps`` evaluations run out); the coefficients ``[n_classes, features]`` (the unpenalised
+    intercept is fitted and dropped).
+
+    The objective is scikit-learn's (``sum_i w_i log-loss_i + |W|^2 / (2 C)``, with
+    ``class_weight="balanced"`` weights ``n / (n_classes * count)`` when ``balanced``), divided
+    by the total weight. Run on one torch thread in float64, so the result is the same on any
+    machine; with few steps, the early stop regularizes the fit beyond the penalty.
+    """
+    from scipy import sparse
+
+    X = sparse.csr_matrix(X, dtype=np.float64) if sparse.issparse(X) else np.asarray(
+        X, dtype=np.float64)
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    w = (len(y) / (n_classes * np.maximum(counts, 1.0)))[y] if balanced else np.ones(len(y))
+    with torch_threads_kept():
+        torch.set_num_threads(1)
+        if sparse.issparse(X):
+            Xt = torch.sparse_csr_tensor(torch.from_numpy(X.indptr.astype(np.int64)),
+                                         torch.from_numpy(X.indices.astype(np.int64)),
+                                         torch.from_numpy(X.data), size=X.shape)
+        else:
+            Xt = torch.from_numpy(X)
+        yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
+        wt = torch.from_numpy(w)
+        total = float(w.sum())
+        W = torch.zeros(X.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=steps, history_size=10,
+                                tolerance_grad=0.0, tolerance_change=0.0,
+                                line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(Xt @ W + b, yt, reduction="none")
+            loss = ((loss * wt).sum() + (W * W).sum() / (2.0 * C)) / total
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return W.detach().numpy().T.astype(np.float32)
 
 
 @dataclass
@@ -130,6 +175,14 @@ class TrainConfig:
         trains on top of them; ``"joint"``: from zero, with the other synapses.
     skip_fit_cells
         Cells (drawn at random) that the ``logreg`` fit reads at most.
+    skip_fit_steps
+        The solver of the ``logreg`` fit. 0: scikit-learn's ``LogisticRegression`` (lbfgs)
+        at its default tolerance, where it stops after a few dozen iterations; that early
+        stop regularizes the fit, and where it happens depends on scikit-learn's version
+        (``docs/benchmarks.md`` section 1). K > 0: K L-BFGS iterations from zero
+        (torch, strong-Wolfe line search, one thread, float64) on the same objective, the
+        class-weighted mean log-loss plus ``|W|^2 / (2 C)`` per unit of total weight: the
+        same synapses on every machine and every library version.
     skip_class_weight
         Class weights of the ``logreg`` fit: ``"none"`` (every cell counts once) or
         ``"balanced"`` (each class weighs as much in total, scikit-learn's
@@ -185,6 +238,7 @@ class TrainConfig:
     step_loss: float = 0.0
     skip_fit: str = "logreg"
     skip_fit_cells: int = 20_000
+    skip_fit_steps: int = 0
     skip_class_weight: str = "balanced"
     skip_hidden_gain: float = 0.5
     ema_decay: float = 0.99
@@ -443,17 +497,23 @@ class BiLevelTrainer:
                 # spike counts are mostly zero: kept sparse; analog input is dense
                 blocks.append(f if analog else sparse.csr_matrix(f))
         feats = np.vstack(blocks) if analog else sparse.vstack(blocks).tocsr()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            weight = "balanced" if self.cfg.skip_class_weight == "balanced" else None
-            clf = LogisticRegression(C=1.0, max_iter=1000, class_weight=weight)
-            clf.fit(feats, y)
+        balanced = self.cfg.skip_class_weight == "balanced"
         coef = np.zeros((network.cfg.n_classes, network.cfg.n_genes), dtype=np.float32)
-        if len(clf.classes_) == 2:  # binary: one coefficient row, for the second class
-            coef[clf.classes_[1]] = clf.coef_[0] / 2
-            coef[clf.classes_[0]] = -clf.coef_[0] / 2
+        if int(self.cfg.skip_fit_steps) > 0:
+            present, codes = np.unique(y, return_inverse=True)
+            coef[present] = lbfgs_logreg(feats, codes, len(present), int(self.cfg.skip_fit_steps),
+                                         balanced=balanced)
         else:
-            coef[clf.classes_] = clf.coef_
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                clf = LogisticRegression(C=1.0, max_iter=1000,
+                                         class_weight="balanced" if balanced else None)
+                clf.fit(feats, y)
+            if len(clf.classes_) == 2:  # binary: one coefficient row, for the second class
+                coef[clf.classes_[1]] = clf.coef_[0] / 2
+                coef[clf.classes_[0]] = -clf.coef_[0] / 2
+            else:
+                coef[clf.classes_] = clf.coef_
         with torch.no_grad():
             network.skip.weight.copy_(torch.from_numpy(coef * T).to(network.skip.weight))
         network.skip.weight.requires_grad_(False)
@@ -680,6 +740,7 @@ class BiLevelTrainer:
             "refit": refit,
             "skip_hidden_gain": gain,
             "skip_class_weight": cfg.skip_class_weight if gain is not None else None,
+            "skip_fit_steps": int(cfg.skip_fit_steps) if gain is not None else None,
             "n_train": int(train_rows.size),
             "n_alpha": int(split.alpha.size) if use_bilevel else 0,
             "n_select": int(split.select.size),

@@ -225,3 +225,37 @@ def test_skip_fit_reads_the_latency_levels_from_sparse_rows(T):
     # the ANN twin (no encoder: its skip synapses read z): not this path either
     cfg = NetworkConfig(n_genes=G, n_classes=4, hidden=(16, 8), neuron="ann", skip=True)
     assert Trainer._skip_levels(build_network(cfg, seed=0), cells, rows) is None
+
+
+def test_lbfgs_logreg_converges_to_scikit_learns_optimum():
+    """The fixed-step solver minimises scikit-learn's objective: run long, it reaches the
+    converged scikit-learn fit (balanced weights, C = 1); its few-step fits are the same on
+    every call."""
+    from scipy import sparse
+    from sklearn.linear_model import LogisticRegression
+
+    from scsnn.training import lbfgs_logreg
+
+    rng = np.random.default_rng(0)
+    y = rng.choice(3, size=300, p=[0.6, 0.3, 0.1])
+    X = rng.poisson(1.0 + y[:, None] * (np.arange(12) % 3 == 0), size=(300, 12)).astype(float)
+    X = sparse.csr_matrix(X)
+    ref = LogisticRegression(C=1.0, tol=1e-10, max_iter=10_000, class_weight="balanced")
+    ref.fit(X, y)
+    coef = lbfgs_logreg(X, y, 3, 300, balanced=True)
+    np.testing.assert_allclose(coef, ref.coef_, atol=2e-3)
+    few = lbfgs_logreg(X, y, 3, 5, balanced=True)
+    assert np.abs(few - ref.coef_).max() > 1e-2  # five steps stop short of the optimum
+    np.testing.assert_array_equal(few, lbfgs_logreg(X, y, 3, 5, balanced=True))
+
+
+def test_fixed_step_skip_fit_is_used_and_reproducible(skip_model, _pbmc_session):
+    m = scsnn.tl.train(_pbmc_session, "cell_type", **small(seed=0, skip=True, skip_fit_steps=20))
+    again = scsnn.tl.train(_pbmc_session, "cell_type",
+                           **small(seed=0, skip=True, skip_fit_steps=20))
+    assert m.metrics["skip_fit_steps"] == 20
+    w = m.network.skip.weight
+    assert torch.count_nonzero(w) > 0 and torch.equal(w, again.network.skip.weight)
+    assert not torch.equal(w, skip_model.network.skip.weight)  # not scikit-learn's fit
+    with pytest.raises(InputError, match="skip_fit_steps"):
+        scsnn.tl.train(_pbmc_session, "cell_type", **small(seed=0, skip_fit_steps=-1))
