@@ -73,44 +73,50 @@ class CellRows(Protocol):
 def lbfgs_logreg(X, y: np.ndarray, n_classes: int, steps: int, *, balanced: bool,
                  C: float = 1.0) -> np.ndarray:
     """Multinomial logistic regression with an L2 penalty, by ``steps`` L-BFGS iterations
-    from zero (torch's ``LBFGS``: fewer only where its 1.25 x ``steps`` evaluations run out); the coefficients ``[n_classes, features]`` (the unpenalised
-    intercept is fitted and dropped).
+    from zero (torch's ``LBFGS``: fewer only where its 1.25 x ``steps`` evaluations run out);
+    the coefficients ``[n_classes, features]`` (the unpenalised intercept is fitted and
+    dropped).
 
     The objective is scikit-learn's (``sum_i w_i log-loss_i + |W|^2 / (2 C)``, with
     ``class_weight="balanced"`` weights ``n / (n_classes * count)`` when ``balanced``), divided
-    by the total weight. Run on one torch thread in float64, so the result is the same on any
-    machine; with few steps, the early stop regularizes the fit beyond the penalty.
+    by the total weight. Loss and gradient are computed in float64 with scipy (one thread;
+    ``X^T`` times the residuals for the weights), torch's L-BFGS takes the steps: the result
+    is the same on any machine. With few steps, the early stop regularizes the fit beyond
+    the penalty.
     """
     from scipy import sparse
 
     X = sparse.csr_matrix(X, dtype=np.float64) if sparse.issparse(X) else np.asarray(
         X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
     w = (len(y) / (n_classes * np.maximum(counts, 1.0)))[y] if balanced else np.ones(len(y))
+    # per unit of total weight: (sum_i w_i l_i + |W|^2 / (2C)) / sum_i w_i
+    reg = 1.0 / (2.0 * C * float(w.sum()))
+    w = w / w.sum()
+    Xt = X.T.tocsr() if sparse.issparse(X) else X.T
+    W = torch.zeros(X.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=steps, history_size=10,
+                            tolerance_grad=0.0, tolerance_change=0.0,
+                            line_search_fn="strong_wolfe")
+    rows = np.arange(len(y))
+
+    def closure() -> torch.Tensor:
+        Wn, bn = W.detach().numpy(), b.detach().numpy()
+        z = np.asarray(X @ Wn) + bn
+        z -= z.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(z).sum(axis=1))
+        loss = float(np.dot(w, lse - z[rows, y])) + reg * float((Wn * Wn).sum())
+        g = np.exp(z - lse[:, None])
+        g[rows, y] -= 1.0
+        g *= w[:, None]
+        W.grad = torch.from_numpy(np.asarray(Xt @ g) + 2.0 * reg * Wn)
+        b.grad = torch.from_numpy(g.sum(axis=0))
+        return torch.tensor(loss, dtype=torch.float64)
+
     with torch_threads_kept():
         torch.set_num_threads(1)
-        if sparse.issparse(X):
-            Xt = torch.sparse_csr_tensor(torch.from_numpy(X.indptr.astype(np.int64)),
-                                         torch.from_numpy(X.indices.astype(np.int64)),
-                                         torch.from_numpy(X.data), size=X.shape)
-        else:
-            Xt = torch.from_numpy(X)
-        yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
-        wt = torch.from_numpy(w)
-        total = float(w.sum())
-        W = torch.zeros(X.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
-        b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=steps, history_size=10,
-                                tolerance_grad=0.0, tolerance_change=0.0,
-                                line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = F.cross_entropy(Xt @ W + b, yt, reduction="none")
-            loss = ((loss * wt).sum() + (W * W).sum() / (2.0 * C)) / total
-            loss.backward()
-            return loss
-
         opt.step(closure)
     return W.detach().numpy().T.astype(np.float32)
 
