@@ -44,10 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0)
 
 
-def _logreg(C: float, balanced: bool):
+def _logreg(C: float, balanced: bool, tol: float = 1e-4, max_iter: int = 1000):
     from sklearn.linear_model import LogisticRegression
 
-    return LogisticRegression(C=C, max_iter=1000, class_weight="balanced" if balanced else None)
+    return LogisticRegression(C=C, max_iter=max_iter, tol=tol,
+                              class_weight="balanced" if balanced else None)
 
 
 CONVERGENCE_FITS = [("tol 1e-4, C 1", 1.0, 1e-4)] + [
@@ -55,13 +56,11 @@ CONVERGENCE_FITS = [("tol 1e-4, C 1", 1.0, 1e-4)] + [
 
 
 def _convergence(X, y, Xq, yq) -> tuple[list[float], list[int]]:
-    from sklearn.linear_model import LogisticRegression
-
     from scsnn.evaluate import classification_report
 
     f1s, iters = [], []
     for _, C, tol in CONVERGENCE_FITS:
-        clf = LogisticRegression(C=C, max_iter=5000, tol=tol, class_weight="balanced").fit(X, y)
+        clf = _logreg(C, True, tol=tol, max_iter=5000).fit(X, y)
         f1s.append(classification_report(yq, clf.predict(Xq))["macro_f1"])
         iters.append(int(np.max(clf.n_iter_)))
     return f1s, iters

@@ -79,12 +79,13 @@ def lbfgs_logreg(X, y: np.ndarray, n_classes: int, steps: int, *, balanced: bool
 
     The objective is scikit-learn's (``sum_i w_i log-loss_i + |W|^2 / (2 C)``, with
     ``class_weight="balanced"`` weights ``n / (n_classes * count)`` when ``balanced``), divided
-    by the total weight. Loss and gradient are computed in float64 with scipy (one thread;
-    ``X^T`` times the residuals for the weights), torch's L-BFGS takes the steps: the result
-    is the same on any machine. With few steps, the early stop regularizes the fit beyond
+    by the total weight. Loss and gradient are computed in float64 with numpy / scipy
+    (``X^T`` times the residuals for the weights), torch's L-BFGS takes the steps, all on one
+    thread (BLAS included): the result is the same on any machine. With few steps, the early stop regularizes the fit beyond
     the penalty.
     """
     from scipy import sparse
+    from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
     X = sparse.csr_matrix(X, dtype=np.float64) if sparse.issparse(X) else np.asarray(
         X, dtype=np.float64)
@@ -115,7 +116,7 @@ def lbfgs_logreg(X, y: np.ndarray, n_classes: int, steps: int, *, balanced: bool
         b.grad = torch.from_numpy(g.sum(axis=0))
         return torch.tensor(loss, dtype=torch.float64)
 
-    with torch_threads_kept():
+    with torch_threads_kept(), threadpool_limits(1):
         torch.set_num_threads(1)
         opt.step(closure)
     return W.detach().numpy().T.astype(np.float32)
@@ -186,9 +187,10 @@ class TrainConfig:
         at its default tolerance, where it stops after a few dozen iterations; that early
         stop regularizes the fit, and where it happens depends on scikit-learn's version
         (``docs/benchmarks.md`` section 1). K > 0: K L-BFGS iterations from zero
-        (torch, strong-Wolfe line search, one thread, float64) on the same objective, the
-        class-weighted mean log-loss plus ``|W|^2 / (2 C)`` per unit of total weight: the
-        same synapses on every machine and every library version.
+        (:func:`lbfgs_logreg`: torch's L-BFGS with a strong-Wolfe line search, one thread,
+        float64) on the same objective, the class-weighted mean log-loss plus
+        ``|W|^2 / (2 C)`` per unit of total weight: the same synapses on every machine and
+        every library version.
     skip_class_weight
         Class weights of the ``logreg`` fit: ``"none"`` (every cell counts once) or
         ``"balanced"`` (each class weighs as much in total, scikit-learn's
