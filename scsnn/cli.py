@@ -298,7 +298,7 @@ def train(
     skip_fit_steps: Annotated[int, typer.Option(
         "--skip-fit-steps", min=0, help="With --skip-fit logreg: 0 (scikit-learn's solver at "
         "its default tolerance) or K (K L-BFGS steps from zero, the same synapses "
-        "on every machine and library version).")] = 0,
+        "on every machine and library version).")] = 20,
     skip_hidden_gain: Annotated[float, typer.Option(
         "--skip-hidden-gain", min=0.0, max=1.0, help="With --skip-fit logreg: the share of the "
         "hidden layers' correction kept in the readout after training (their output synapses "

@@ -249,13 +249,18 @@ def test_lbfgs_logreg_converges_to_scikit_learns_optimum():
     np.testing.assert_array_equal(few, lbfgs_logreg(X, y, 3, 5, balanced=True))
 
 
-def test_fixed_step_skip_fit_is_used_and_reproducible(skip_model, _pbmc_session):
-    m = scsnn.tl.train(_pbmc_session, "cell_type", **small(seed=0, skip=True, skip_fit_steps=20))
+def test_fixed_step_skip_fit_is_the_default_and_reproducible(skip_model, _pbmc_session):
+    """The default skip fit is 20 L-BFGS steps; skip_fit_steps=0 is scikit-learn's solver,
+    other synapses; either is the same from the same seed."""
+    m = skip_model
     again = scsnn.tl.train(_pbmc_session, "cell_type",
                            **small(seed=0, skip=True, skip_fit_steps=20))
     assert m.metrics["skip_fit_steps"] == 20
     w = m.network.skip.weight
     assert torch.count_nonzero(w) > 0 and torch.equal(w, again.network.skip.weight)
-    assert not torch.equal(w, skip_model.network.skip.weight)  # not scikit-learn's fit
+    sk = scsnn.tl.train(_pbmc_session, "cell_type", **small(seed=0, skip=True, skip_fit_steps=0))
+    assert sk.metrics["skip_fit_steps"] == 0
+    assert torch.count_nonzero(sk.network.skip.weight) > 0
+    assert not torch.equal(w, sk.network.skip.weight)  # scikit-learn's fit differs
     with pytest.raises(InputError, match="skip_fit_steps"):
         scsnn.tl.train(_pbmc_session, "cell_type", **small(seed=0, skip_fit_steps=-1))
