@@ -172,7 +172,8 @@ def run_job(data_dir: str, folds: int, task: str, method: str, encoder: str | No
             recs.append({"key": _key(task, name + suffix, encoder, seed), "task": task,
                          "what": desc, "method": name + suffix, "encoder": encoder,
                          "seed": seed, "settings": variant or {}, "rows": rows,
-                         "celltypist": res["celltypist"], "wall_seconds": wall})
+                         "celltypist": res["celltypist"], "versions": res.get("versions"),
+                         "wall_seconds": wall})
     return recs
 
 

@@ -84,7 +84,7 @@ def run_job(data: str, shift: float, name: str, method: str, settings: dict[str,
     # with adapt_batchnorm=both: a second record, NAME+adabn, from the same trained networks
     return [{"key": f"{shift:g}|{n}|{seed}", "shift": shift, "method": n, "seed": seed,
              "settings": settings, "rows": [r for r in rows if r["method"] == n],
-             "wall_seconds": wall}
+             "versions": res.get("versions"), "wall_seconds": wall}
             for n in dict.fromkeys(r["method"] for r in rows)]
 
 

@@ -92,6 +92,25 @@ def pair_split(ref: ad.AnnData, query: ad.AnnData, label_key: str) -> Split:
     return Split("query", ref, query, genes)
 
 
+#: the libraries whose versions can change a trained model or a baseline's result
+_LIBRARIES = ("scsnn", "torch", "numpy", "scipy", "scikit-learn", "scanpy", "anndata",
+              "spikingjelly", "celltypist")
+
+
+def library_versions() -> dict[str, str | None]:
+    """The installed version of each library that results depend on (None: not installed),
+    stored with benchmark results so that a row says what produced it."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in _LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def _version(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
 
@@ -205,7 +224,8 @@ def run(
     re-weighted one (the adapted rows' methods are ``"<method>+adabn"`` and
     ``"<method>+adabn-rw"``; training is shared).
 
-    Returns ``{"rows": [...], "summary": [...], "celltypist": ...}``: one row per (split,
+    Returns ``{"rows": [...], "summary": [...], "celltypist": ..., "versions": ...}``: one
+    row per (split,
     method, seed), and per method the mean and standard deviation over seeds of each seed's
     result (macro-F1 etc. averaged over the splits, rare-class recall from the predictions
     pooled over the splits). ``seed`` (one seed) is a shorthand for ``seeds=[seed]``.
@@ -277,7 +297,7 @@ def run(
     named = list(methods) + [m + ADAPT_SUFFIX[mode] for mode in extra_modes
                              for m in methods if m in SCSNN_METHODS]
     return {"rows": rows, "summary": summarise(rows, named, rare_threshold),
-            "celltypist": ct_problem or "ran", "seeds": seeds}
+            "celltypist": ct_problem or "ran", "seeds": seeds, "versions": library_versions()}
 
 
 _MEAN_COLS = ("accuracy", "macro_f1", "balanced_accuracy", "energy_ratio", "steps_to_99pct",
