@@ -70,8 +70,30 @@ class CellRows(Protocol):
         ...
 
 
+def _row_products(M, threads: int):
+    """``D -> M @ D`` for a matrix ``M``; a sparse ``M`` is cut into row blocks that
+    ``threads`` threads multiply at once. Every row of the product is the same sum, in the
+    same order, whatever the number of blocks, so the result does not depend on
+    ``threads``."""
+    from scipy import sparse
+
+    n = M.shape[0]
+    if threads <= 1 or not sparse.issparse(M) or n < 2 * threads:
+        return lambda D: np.asarray(M @ D), None
+    from concurrent.futures import ThreadPoolExecutor
+
+    cuts = np.linspace(0, n, threads + 1).astype(np.int64)
+    blocks = [M[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+    pool = ThreadPoolExecutor(threads)  # scipy's sparse products release the GIL
+
+    def product(D: np.ndarray) -> np.ndarray:
+        return np.vstack(list(pool.map(lambda B: np.asarray(B @ D), blocks)))
+
+    return product, pool
+
+
 def lbfgs_logreg(X, y: np.ndarray, n_classes: int, steps: int, *, balanced: bool,
-                 C: float = 1.0) -> np.ndarray:
+                 C: float = 1.0, threads: int | None = None) -> np.ndarray:
     """Multinomial logistic regression with an L2 penalty, by ``steps`` L-BFGS iterations
     from zero (torch's ``LBFGS``: fewer only where its 1.25 x ``steps`` evaluations run out);
     the coefficients ``[n_classes, features]`` (the unpenalised intercept is fitted and
@@ -81,8 +103,10 @@ def lbfgs_logreg(X, y: np.ndarray, n_classes: int, steps: int, *, balanced: bool
     ``class_weight="balanced"`` weights ``n / (n_classes * count)`` when ``balanced``), divided
     by the total weight. Loss and gradient are computed in float64 with numpy / scipy
     (``X^T`` times the residuals for the weights), torch's L-BFGS takes the steps, all on one
-    thread (BLAS included): the result is the same on any machine. With few steps, the early stop regularizes the fit beyond
-    the penalty.
+    thread (BLAS included), except that the sparse products of ``X`` and ``X^T`` are cut
+    into row blocks for ``threads`` threads (default: torch's thread count), which leaves
+    every sum as it is: the result is the same on any machine and at any thread count.
+    With few steps, the early stop regularizes the fit beyond the penalty.
     """
     from scipy import sparse
     from threadpoolctl import threadpool_limits  # installed with scikit-learn
@@ -96,6 +120,9 @@ def lbfgs_logreg(X, y: np.ndarray, n_classes: int, steps: int, *, balanced: bool
     reg = 1.0 / (2.0 * C * float(w.sum()))
     w = w / w.sum()
     Xt = X.T.tocsr() if sparse.issparse(X) else X.T
+    n_threads = torch.get_num_threads() if threads is None else max(int(threads), 1)
+    times_x, pool_x = _row_products(X, n_threads)
+    times_xt, pool_xt = _row_products(Xt, n_threads)
     W = torch.zeros(X.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=steps, history_size=10,
@@ -105,20 +132,25 @@ def lbfgs_logreg(X, y: np.ndarray, n_classes: int, steps: int, *, balanced: bool
 
     def closure() -> torch.Tensor:
         Wn, bn = W.detach().numpy(), b.detach().numpy()
-        z = np.asarray(X @ Wn) + bn
+        z = times_x(Wn) + bn
         z -= z.max(axis=1, keepdims=True)
         lse = np.log(np.exp(z).sum(axis=1))
         loss = float(np.dot(w, lse - z[rows, y])) + reg * float((Wn * Wn).sum())
         g = np.exp(z - lse[:, None])
         g[rows, y] -= 1.0
         g *= w[:, None]
-        W.grad = torch.from_numpy(np.asarray(Xt @ g) + 2.0 * reg * Wn)
+        W.grad = torch.from_numpy(times_xt(g) + 2.0 * reg * Wn)
         b.grad = torch.from_numpy(g.sum(axis=0))
         return torch.tensor(loss, dtype=torch.float64)
 
-    with torch_threads_kept(), threadpool_limits(1):
-        torch.set_num_threads(1)
-        opt.step(closure)
+    try:
+        with torch_threads_kept(), threadpool_limits(1):
+            torch.set_num_threads(1)
+            opt.step(closure)
+    finally:
+        for pool in (pool_x, pool_xt):
+            if pool is not None:
+                pool.shutdown()
     return W.detach().numpy().T.astype(np.float32)
 
 

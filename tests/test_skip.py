@@ -247,6 +247,10 @@ def test_lbfgs_logreg_converges_to_scikit_learns_optimum():
     few = lbfgs_logreg(X, y, 3, 5, balanced=True)
     assert np.abs(few - ref.coef_).max() > 1e-2  # five steps stop short of the optimum
     np.testing.assert_array_equal(few, lbfgs_logreg(X, y, 3, 5, balanced=True))
+    # the sparse products cut into row blocks for several threads: the same sums, bit for bit
+    for threads in (1, 2, 3):
+        np.testing.assert_array_equal(few, lbfgs_logreg(X, y, 3, 5, balanced=True,
+                                                        threads=threads))
 
 
 def test_fixed_step_skip_fit_is_the_default_and_reproducible(skip_model, _pbmc_session):
