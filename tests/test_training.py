@@ -273,7 +273,10 @@ def test_alpha_round_runs_without_dropout_and_with_frozen_statistics(prepared):
 
 
 def test_upper_level_moves_the_neuron_parameters(prepared):
-    net, init, m = _fit(prepared, epochs=6, alpha_interval=2, patience=100, refit_epochs=0)
+    # without the skip read: on these easy cells the skip read alone scores the selection
+    # split perfectly at the first epoch, which is then kept, before any upper-level round
+    net, init, m = _fit(prepared, epochs=6, alpha_interval=2, patience=100, refit_epochs=0,
+                        net_kw={"skip": False})
     change = m["neurons"]["mean_abs_change"]
     assert len(change) == 2 and set(change[0]) == {"k", "theta", "c", "gamma"}
     assert m["alpha"]["steps"] == 3 * 32
