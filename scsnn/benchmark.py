@@ -23,6 +23,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
 from . import tl
+from ._version import library_versions
 from .errors import InputError
 from .evaluate import RARE_THRESHOLD, classification_report, latency_report
 from .io import get_expression
@@ -90,25 +91,6 @@ def pair_split(ref: ad.AnnData, query: ad.AnnData, label_key: str) -> Split:
     if not genes:
         raise InputError("reference and query share no gene names")
     return Split("query", ref, query, genes)
-
-
-#: the libraries whose versions can change a trained model or a baseline's result
-_LIBRARIES = ("scsnn", "torch", "numpy", "scipy", "scikit-learn", "scanpy", "anndata",
-              "spikingjelly", "celltypist")
-
-
-def library_versions() -> dict[str, str | None]:
-    """The installed version of each library that results depend on (None: not installed),
-    stored with benchmark results so that a row says what produced it."""
-    from importlib import metadata
-
-    out: dict[str, str | None] = {}
-    for name in _LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def _version(text: str) -> tuple[int, ...]:

@@ -863,6 +863,7 @@ def model_info(path: Path) -> dict[str, Any]:
             "n_alpha": metrics.get("n_alpha"),
             "n_select": metrics.get("n_select"),
             "select_macro_f1": metrics.get("select_macro_f1"),
+            "libraries": metrics.get("libraries"),
         },
         "calibration": {k: cal.get(k) for k in ("temperature", "ece_before", "ece_after",
                                                 "n_cells") if k in cal},
@@ -911,6 +912,10 @@ def _format_info(info: dict[str, Any]) -> str:
                     f", {'bi-level' if tr['bilevel'] else 'joint'}"))
     lines.append(f"  selection      macro-F1 {_fmt(tr['select_macro_f1'])} on "
                  f"{_fmt(tr.get('n_select'), 'd')} held-out reference cells")
+    libs = tr.get("libraries")
+    if isinstance(libs, dict) and libs:
+        lines.append("  trained with   " + ", ".join(
+            f"{name} {ver}" for name, ver in libs.items() if ver and name != "scsnn"))
     if cal:
         lines.append(f"  calibration    ECE {_fmt(cal.get('ece_before'))} -> "
                      f"{_fmt(cal.get('ece_after'))} (temperature "

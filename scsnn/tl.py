@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import distributed
-from ._version import __version__
+from ._version import __version__, library_versions
 from .errors import InputError
 from .evaluate import UNASSIGNED, energy_estimate
 from .io import get_expression, get_labels, read_h5ad, write_h5ad_atomic
@@ -241,6 +241,7 @@ def train(
             source.close()
     net.to("cpu")
     metrics["class_counts"] = {c: int(counts[c]) for c in classes}
+    metrics["libraries"] = library_versions()  # what trained it (results depend on them)
     metrics["unsplit_classes"] = [classes[i] for i in metrics["unsplit_classes"]]
     settings = {
         "label_key": label_key,

@@ -51,6 +51,10 @@ def test_info_text(pbmc_model, pbmc_model_dir):
     cal = m.metrics["calibration"]
     assert f"ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}" in out
     assert f"{m.metrics['epochs_run']} epochs run" in out
+    import torch
+
+    assert m.metrics["libraries"]["torch"] == torch.__version__  # what trained it
+    assert f"trained with   torch {torch.__version__}, numpy " in out
     counts = m.metrics["class_counts"]
     lines = out.splitlines()
     for c in m.classes:  # every class on its own line, with its labelled cells
@@ -75,6 +79,7 @@ def test_info_json(pbmc_model, pbmc_model_dir):
     assert tuple(info["network"]["hidden"]) == tuple(m.config.hidden)
     assert info["training"]["select_macro_f1"] == pytest.approx(m.metrics["select_macro_f1"])
     assert info["training"]["epochs_run"] == m.metrics["epochs_run"]
+    assert info["training"]["libraries"] == m.metrics["libraries"]
     assert info["training"]["label_key"] == "cell_type"
     assert info["calibration"]["ece_after"] == pytest.approx(
         m.metrics["calibration"]["ece_after"])
