@@ -207,10 +207,10 @@ def run(
     ``"<method>+adabn-rw"``; training is shared).
 
     Returns ``{"rows": [...], "summary": [...], "celltypist": ..., "versions": ...}``: one
-    row per (split,
-    method, seed), and per method the mean and standard deviation over seeds of each seed's
-    result (macro-F1 etc. averaged over the splits, rare-class recall from the predictions
-    pooled over the splits). ``seed`` (one seed) is a shorthand for ``seeds=[seed]``.
+    row per (split, method, seed), and per method the mean and standard deviation over
+    seeds of each seed's result (macro-F1 etc. averaged over the splits, rare-class recall
+    from the predictions pooled over the splits); ``versions``: the libraries that produced
+    it (:func:`scsnn._version.library_versions`). ``seed`` (one seed) is a shorthand for ``seeds=[seed]``.
     """
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:

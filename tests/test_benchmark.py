@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+import sklearn
+import torch
 from conftest import SMALL
 from typer.testing import CliRunner
 
@@ -55,9 +57,6 @@ def test_run_scores_every_method_on_the_same_cells(data):
     table = bm.markdown(res, "synthetic")
     for m in ("hifi", "lif", "ann", "logreg", "celltypist"):
         assert f"| {m} |" in table
-    import sklearn
-    import torch
-
     v = res["versions"]  # what produced the result, stored with it
     assert v["torch"] == torch.__version__ and v["scikit-learn"] == sklearn.__version__
     assert v["scsnn"] == scsnn.__version__ and set(v) >= {"numpy", "scipy", "scanpy"}

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import assert_one_line
 from typer.testing import CliRunner
 
@@ -51,8 +52,6 @@ def test_info_text(pbmc_model, pbmc_model_dir):
     cal = m.metrics["calibration"]
     assert f"ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}" in out
     assert f"{m.metrics['epochs_run']} epochs run" in out
-    import torch
-
     assert m.metrics["libraries"]["torch"] == torch.__version__  # what trained it
     assert f"trained with   torch {torch.__version__}, numpy " in out
     counts = m.metrics["class_counts"]
